@@ -1,0 +1,144 @@
+"""The routed executor: runs prefill and decode along per-row layer plans with a slot-indexed KV cache.
+
+Each row of a batch has its own plan, its own start position and its own length. Block l runs for the
+rows whose count is >= 1, and again (into its second cache slot) for the rows whose count is 2.
+Routers plug in through a `decide(layer, hidden, lengths) -> counts` callback used during prefill;
+the executor never imports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import SlotKVCache, slot_of
+from .model import BaseModel
+
+# decide(layer, hidden [b, n, d], lengths [b]) -> counts [b] (CPU long) for that layer
+Decide = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [b, vocab] (last valid token) or [b, n, vocab]
+    counts: torch.Tensor  # [b, L] CPU long: the plan each row ran
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+              impl: str) -> torch.Tensor:
+    # q: [b, H, n, D]; k, v: [b, H_kv, S, D]; mask: [b, 1, n, S] bool (True = attend)
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+class RoutedExecutor:
+    def __init__(self, model: BaseModel, max_batch: int = 1, attn_impl: str = "sdpa", capacity: int = 128):
+        if attn_impl not in ("sdpa", "eager"):
+            raise ValueError("attn_impl must be 'sdpa' or 'eager'")
+        self.model, self.spec, self.attn_impl = model, model.spec, attn_impl
+        self.max_batch = max_batch
+        self.cache = SlotKVCache(self.spec.n_kv_heads, self.spec.head_dim, max_batch, model.dtype,
+                                 model.device, capacity)
+
+    @property
+    def n_layers(self) -> int:
+        return self.spec.n_layers
+
+    def _block(self, layer: int, repeat: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               pos: torch.Tensor, rows: torch.Tensor | slice, key_len: int, mask: torch.Tensor) -> torch.Tensor:
+        # h: [b, n, d]; cos, sin: [b, n, D]; pos: [b, n]
+        blk = self.model.layers[layer]
+        attn = blk.self_attn
+        b, n, _ = h.shape
+        hd = self.spec.head_dim
+        x = blk.input_layernorm(h)
+        q = attn.q_proj(x).view(b, n, -1, hd)
+        k = attn.k_proj(x).view(b, n, -1, hd)
+        v = attn.v_proj(x).view(b, n, -1, hd).transpose(1, 2)
+        if self.spec.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [b, H, n, D]
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        slot = slot_of(layer, repeat)
+        self.cache.write(slot, rows, pos, k, v)
+        keys, values = self.cache.read(slot, rows, key_len)
+        scale = getattr(attn, "scaling", hd**-0.5)
+        o = attention(q, keys, values, mask, scale, self.attn_impl)
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+        return h + blk.mlp(blk.post_attention_layernorm(h))
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start: torch.Tensor,
+        plans: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        decide: Decide | None = None,
+        all_logits: bool = False,
+    ) -> ForwardOutput:
+        """Run `tokens` [b, n] (right-padded; `lengths` [b] valid tokens per row, default n) at positions
+        start[b] + 0..n-1, into cache rows `rows` [b] (default 0..b-1), along `plans` [b, L] or, when
+        `decide` is given, along the counts it returns layer by layer."""
+        dev = self.model.device
+        b, n = tokens.shape
+        L = self.n_layers
+        start = start.to(dev, torch.long)
+        lengths_cpu = torch.full((b,), n, dtype=torch.long) if lengths is None else lengths.cpu().long()
+        if plans is None and decide is None:
+            raise ValueError("forward needs plans or a decide callback")
+        counts = torch.ones(b, L, dtype=torch.long) if plans is None else plans.cpu().long().clone()
+        if counts.shape != (b, L):
+            raise ValueError(f"plans must have shape ({b}, {L}), got {tuple(counts.shape)}")
+        if rows is None or (rows.numel() == b and torch.equal(rows.cpu(), torch.arange(b))):
+            row_ref: torch.Tensor | slice = slice(0, b)
+        else:
+            row_ref = rows.to(dev, torch.long)
+        pos = start[:, None] + torch.arange(n, device=dev)  # [b, n]
+        key_len = int((start + n).max())
+        self.cache.reserve(key_len)
+        mask = (torch.arange(key_len, device=dev)[None, None, :] <= pos[:, :, None]).unsqueeze(1)
+        h = self.model.embed(tokens.to(dev))
+        cos, sin = self.model.rotary(h, pos)
+
+        for layer in range(L):
+            if decide is not None:
+                counts[:, layer] = decide(layer, h, lengths_cpu).cpu().long()
+            for repeat in (0, 1):
+                sel = counts[:, layer] > repeat
+                n_sel = int(sel.sum())
+                if n_sel == 0:
+                    continue
+                if n_sel == b or n == 1:
+                    # all rows, or a decode step (memory-bound: running the block for every row costs about
+                    # the same as a gather; rows that skip write a slot they never read and keep their h)
+                    out = self._block(layer, repeat, h, cos, sin, pos, row_ref, key_len, mask)
+                    h = out if n_sel == b else torch.where(sel.to(dev)[:, None, None], out, h)
+                else:
+                    idx = sel.nonzero().squeeze(1).to(dev)
+                    sub_rows = (idx if isinstance(row_ref, slice) else row_ref[idx])
+                    h = h.clone()
+                    h[idx] = self._block(layer, repeat, h[idx], cos[idx], sin[idx], pos[idx], sub_rows,
+                                         key_len, mask[idx])
+        if all_logits:
+            logits = self.model.head(h)
+        else:
+            last = (lengths_cpu - 1).to(dev)
+            logits = self.model.head(h[torch.arange(b, device=dev), last])
+        return ForwardOutput(logits=logits, counts=counts)

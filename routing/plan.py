@@ -1,0 +1,103 @@
+"""Layer plans: for each of the L blocks a count in {0, 1, 2} (skip, execute, execute twice)."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+SKIP, EXECUTE, REPEAT = 0, 1, 2
+DECISIONS = ("skip", "execute", "repeat")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    counts: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        counts = tuple(self.counts)
+        if not counts:
+            raise ValueError("a layer plan needs at least one layer")
+        bad = [(i, c) for i, c in enumerate(counts) if type(c) is not int or c not in (0, 1, 2)]
+        if bad:
+            i, c = bad[0]
+            raise ValueError(f"layer plan count at layer {i} is {c!r}; each count must be 0 (skip), 1 or 2 (repeat)")
+        object.__setattr__(self, "counts", counts)
+
+    @classmethod
+    def full(cls, n_layers: int) -> LayerPlan:
+        return cls((1,) * n_layers)
+
+    @classmethod
+    def parse(cls, text: str, n_layers: int | None = None) -> LayerPlan:
+        """Parse '1,1,0,2,...' (commas or spaces). With n_layers, the length is checked."""
+        parts = [p for p in text.replace(",", " ").split() if p]
+        try:
+            counts = tuple(int(p) for p in parts)
+        except ValueError as e:
+            raise ValueError(f"layer plan {text!r} must be a comma-separated list of 0, 1 and 2") from e
+        plan = cls(counts)
+        if n_layers is not None:
+            plan.check_length(n_layers)
+        return plan
+
+    @classmethod
+    def coerce(cls, plan: LayerPlan | Iterable[int], n_layers: int) -> LayerPlan:
+        p = plan if isinstance(plan, LayerPlan) else cls(tuple(_as_int(c) for c in plan))
+        p.check_length(n_layers)
+        return p
+
+    def check_length(self, n_layers: int) -> None:
+        if len(self.counts) != n_layers:
+            raise ValueError(f"layer plan has {len(self.counts)} counts but the model has {n_layers} layers")
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    @property
+    def executions(self) -> int:
+        """Block executions per token (a repeat counts 2)."""
+        return sum(self.counts)
+
+    @property
+    def skipped(self) -> int:
+        return sum(1 for c in self.counts if c == SKIP)
+
+    @property
+    def repeated(self) -> int:
+        return sum(1 for c in self.counts if c == REPEAT)
+
+    @property
+    def execution_order(self) -> tuple[int, ...]:
+        """Block indices in the order they run, e.g. (0, 1, 1, 3) for counts (1, 2, 0, 1)."""
+        return tuple(i for i, c in enumerate(self.counts) for _ in range(c))
+
+    def to_list(self) -> list[int]:
+        return list(self.counts)
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self.counts))
+
+
+def _as_int(c: object) -> object:
+    # numpy / torch integers become int; floats, bools and strings stay as they are and fail validation.
+    if isinstance(c, bool):
+        return c
+    try:
+        return operator.index(c)  # type: ignore[arg-type]
+    except TypeError:
+        return c
+
+
+def plan_summary(plan: LayerPlan) -> dict[str, object]:
+    return {
+        "layers_total": len(plan),
+        "layers_executed": plan.executions,
+        "layers_skipped": plan.skipped,
+        "layers_repeated": plan.repeated,
+        "plan": plan.to_list(),
+    }
+
+
+def as_plans(plans: Sequence[LayerPlan | Sequence[int]], n_layers: int) -> list[LayerPlan]:
+    return [LayerPlan.coerce(p, n_layers) for p in plans]

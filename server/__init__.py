@@ -1,0 +1,1 @@
+"""drllm's HTTP server: OpenAI-compatible completions over the routed executor."""
