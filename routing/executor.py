@@ -25,6 +25,7 @@ Decide = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 class ForwardOutput:
     logits: torch.Tensor  # [b, vocab] (last valid token) or [b, n, vocab]
     counts: torch.Tensor  # [b, L] CPU long: the plan each row ran
+    entering: list[torch.Tensor] | None = None  # with capture: hidden state entering each block, [b, n, d]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -92,10 +93,16 @@ class RoutedExecutor:
         lengths: torch.Tensor | None = None,
         decide: Decide | None = None,
         all_logits: bool = False,
+        capture: bool = False,
+        resume: tuple[int, torch.Tensor] | None = None,
     ) -> ForwardOutput:
         """Run `tokens` [b, n] (right-padded; `lengths` [b] valid tokens per row, default n) at positions
         start[b] + 0..n-1, into cache rows `rows` [b] (default 0..b-1), along `plans` [b, L] or, when
-        `decide` is given, along the counts it returns layer by layer."""
+        `decide` is given, along the counts it returns layer by layer.
+
+        capture: also return the hidden state entering every block. resume=(layer, hidden): start at
+        `layer` from `hidden` [b, n, d]; the cache slots of the earlier layers must already hold these
+        rows' keys and values (a previous forward of the same tokens whose plan agrees before `layer`)."""
         dev = self.model.device
         b, n = tokens.shape
         L = self.n_layers
@@ -114,10 +121,17 @@ class RoutedExecutor:
         key_len = int((start + n).max())
         self.cache.reserve(key_len)
         mask = (torch.arange(key_len, device=dev)[None, None, :] <= pos[:, :, None]).unsqueeze(1)
-        h = self.model.embed(tokens.to(dev))
+        first = 0
+        if resume is None:
+            h = self.model.embed(tokens.to(dev))
+        else:
+            first, h = resume
         cos, sin = self.model.rotary(h, pos)
+        entering: list[torch.Tensor] | None = [] if capture else None
 
-        for layer in range(L):
+        for layer in range(first, L):
+            if entering is not None:
+                entering.append(h)
             if decide is not None:
                 counts[:, layer] = decide(layer, h, lengths_cpu).cpu().long()
             for repeat in (0, 1):
@@ -141,4 +155,4 @@ class RoutedExecutor:
         else:
             last = (lengths_cpu - 1).to(dev)
             logits = self.model.head(h[torch.arange(b, device=dev), last])
-        return ForwardOutput(logits=logits, counts=counts)
+        return ForwardOutput(logits=logits, counts=counts, entering=entering)

@@ -54,6 +54,7 @@ class SlotKVCache:
         # -> [b, H_kv, length, D]; a view when rows is a slice
         return self.k[slot][rows, :, :length], self.v[slot][rows, :, :length]
 
+    @torch.inference_mode()
     def move_row(self, src: int, dst: int) -> None:
         """Copy row src into row dst in every slot (used to keep active rows a contiguous prefix)."""
         if src == dst:

@@ -1,0 +1,100 @@
+"""Routing a prefill (Dr.LLM): per-layer routers decide each row's plan, capped by a compute budget.
+
+Routers run inside the prefill, layer by layer: router l sees the residual stream entering block l along
+the path already decided for blocks < l. The plan is then fixed for the whole generation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .checkpoint import RouterCheckpointError, load_routers, save_routers
+from .executor import RoutedExecutor
+from .plan import LayerPlan
+from .planner import PlanRequest, PrefillResult, fixed_plan, plans_tensor
+from .router_net import RouterConfig, Routers
+
+__all__ = ["RouterCheckpointError", "RouterConfig", "RouterPlanner", "Routers", "apply_budget", "load_routers",
+           "save_routers"]
+
+
+def apply_budget(counts: list[int], logits: list[list[float]], budget: float | None) -> list[int]:
+    """Cap a routed plan at max(1, floor(budget * L)) executions.
+
+    Policy: while over the cap, demote the decision the routers are least sure of (the smallest margin
+    between the logit of its current count and the next lower count: repeat -> execute -> skip), ties to
+    the lower layer. A plan that fits is returned unchanged, and a smaller budget continues the same
+    demotion sequence, so it never yields more executions."""
+    if budget is None:
+        return list(counts)
+    if not 0 < budget <= 2:
+        raise ValueError("budget must be in (0, 2]")
+    cap = max(1, math.floor(budget * len(counts) + 1e-9))
+    out = list(counts)
+    total = sum(out)
+    while total > cap:
+        best = min((lg[c] - lg[c - 1], i) for i, (c, lg) in enumerate(zip(out, logits, strict=True)) if c > 0)
+        out[best[1]] -= 1
+        total -= 1
+    return out
+
+
+class RouterPlanner:
+    """Decides each routed row's plan during its prefill; rows with fixed plans or routing="full" ride
+    along in the same batch. Over-budget rows are re-run from their first demoted layer."""
+
+    def __init__(self, routers: Routers) -> None:
+        self.routers = routers
+
+    def prefill(self, executor: RoutedExecutor, tokens: torch.Tensor, rows: torch.Tensor,
+                lengths: torch.Tensor, requests: list[PlanRequest], all_logits: bool = False) -> PrefillResult:
+        L = executor.n_layers
+        b = tokens.shape[0]
+        routed = [r.plan is None and r.routing != "full" for r in requests]
+        fixed = plans_tensor([fixed_plan(r, L) for r in requests])
+        layer_logits: list[torch.Tensor] = []
+
+        def decide(layer: int, hidden: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                lg = self.routers.layer_logits(layer, hidden, lens).float().cpu()
+            layer_logits.append(lg)
+            c = fixed[:, layer].clone()
+            for i in range(b):
+                if routed[i]:
+                    c[i] = int(lg[i].argmax())
+            return c
+
+        start = torch.zeros(b, dtype=torch.long)
+        budgeted = any(routed[i] and r.budget is not None for i, r in enumerate(requests))
+        out = executor.forward(tokens, start, rows=rows, lengths=lengths, decide=decide,
+                               all_logits=all_logits, capture=budgeted)
+        logits_by_row = torch.stack(layer_logits, 1)  # [b, L, 3]
+        counts = out.counts.clone()
+        rerun: list[int] = []
+        for i, req in enumerate(requests):
+            if routed[i] and req.budget is not None:
+                capped = apply_budget(counts[i].tolist(), logits_by_row[i].tolist(), req.budget)
+                if capped != counts[i].tolist():
+                    counts[i] = torch.tensor(capped)
+                    rerun.append(i)
+        logits = out.logits
+        if rerun:
+            logits = logits.clone()
+            # rows sharing a first changed layer resume together from the captured hidden state
+            by_layer: dict[int, list[int]] = {}
+            for i in rerun:
+                first = int((counts[i] != out.counts[i]).nonzero()[0])
+                by_layer.setdefault(first, []).append(i)
+            assert out.entering is not None
+            for first, idx in by_layer.items():
+                ix = torch.tensor(idx)
+                h = out.entering[first][ix.to(out.entering[first].device)]
+                res = executor.forward(tokens[ix], start[ix], plans=counts[ix], rows=rows[ix],
+                                       lengths=lengths[ix], all_logits=all_logits, resume=(first, h))
+                logits[ix.to(logits.device)] = res.logits
+        probs = torch.softmax(logits_by_row, -1)
+        plans = [LayerPlan(tuple(int(c) for c in counts[i])) for i in range(b)]
+        decisions = [probs[i].tolist() if routed[i] else None for i in range(b)]
+        return PrefillResult(logits, plans, decisions)

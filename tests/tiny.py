@@ -1,0 +1,50 @@
+"""Tiny random models of each supported architecture, and an independent transformers reference."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
+
+from routing.model import BaseModel, wrap_model
+from routing.plan import LayerPlan
+
+ARCHS = ("llama", "qwen2", "qwen3")
+_COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+
+
+def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa") -> BaseModel:
+    torch.manual_seed(seed)
+    if arch == "llama":
+        hf = LlamaForCausalLM(LlamaConfig(**_COMMON, attn_implementation=attn))
+    elif arch == "qwen2":
+        hf = Qwen2ForCausalLM(Qwen2Config(**_COMMON, attn_implementation=attn))
+    elif arch == "qwen3":
+        hf = Qwen3ForCausalLM(Qwen3Config(**_COMMON, head_dim=24, attn_implementation=attn))
+    else:
+        raise ValueError(arch)
+    # random init leaves norms at 1 and biases at 0: perturb them so the test sees every parameter
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return wrap_model(hf, name=f"tiny-{arch}")
+
+
+def reference_logits(model: BaseModel, plan: LayerPlan, tokens: torch.Tensor) -> torch.Tensor:
+    """Plain transformers forward (no cache) through the blocks in the plan's execution order."""
+    hf = copy.copy(model.hf)
+    inner = copy.copy(hf.model)
+    layers = model.layers
+    inner.layers = nn.ModuleList([layers[i] for i in plan.execution_order])
+    inner.config = copy.deepcopy(inner.config)
+    inner.config.num_hidden_layers = len(plan.execution_order)
+    if getattr(inner.config, "layer_types", None) is not None:
+        inner.config.layer_types = [inner.config.layer_types[i] for i in plan.execution_order]
+    hf.model = inner
+    with torch.inference_mode():
+        return hf(tokens, use_cache=False).logits
