@@ -26,7 +26,7 @@ def window_pool(h: torch.Tensor, lengths: torch.Tensor, window: int) -> tuple[to
     lengths = lengths.to(h.device).clamp(min=1)
     W = torch.clamp(lengths, max=window)  # [b]
     t = torch.arange(n, device=h.device)
-    win = (t[None, :] * W[:, None]) // lengths[:, None]  # [b, n] window index of each token
+    win = ((t[None, :] + 1) * W[:, None] - 1) // lengths[:, None]  # [b, n] window of each token
     valid_tok = t[None, :] < lengths[:, None]
     assign = (win[:, None, :] == torch.arange(window, device=h.device)[None, :, None]) & valid_tok[:, None, :]
     assign = assign.to(h.dtype)  # [b, window, n]

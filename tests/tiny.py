@@ -6,8 +6,14 @@ import copy
 
 import torch
 from torch import nn
-from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from routing.model import BaseModel, wrap_model
 from routing.plan import LayerPlan
@@ -37,8 +43,11 @@ def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa") -> BaseModel:
 
 def reference_logits(model: BaseModel, plan: LayerPlan, tokens: torch.Tensor) -> torch.Tensor:
     """Plain transformers forward (no cache) through the blocks in the plan's execution order."""
+    # shallow copies with their own submodule tables: the original model is left untouched
     hf = copy.copy(model.hf)
+    hf._modules = dict(hf._modules)
     inner = copy.copy(hf.model)
+    inner._modules = dict(inner._modules)
     layers = model.layers
     inner.layers = nn.ModuleList([layers[i] for i in plan.execution_order])
     inner.config = copy.deepcopy(inner.config)
