@@ -102,6 +102,9 @@ def build_parser(extra: Callable[[argparse._SubParsersAction], None] | None = No
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_generate)
 
+    from .bench import register as register_bench
+
+    register_bench(sub)
     for register in _registered:
         register(sub)
     if extra is not None:

@@ -33,12 +33,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-              impl: str) -> torch.Tensor:
-    # q: [b, H, n, D]; k, v: [b, H_kv, S, D]; mask: [b, 1, n, S] bool (True = attend)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+              impl: str, causal: bool = False) -> torch.Tensor:
+    # q: [b, H, n, D]; k, v: [b, H_kv, S, D]; mask: [b, 1, n, S] bool (True = attend), or None with
+    # `causal` (every row starts at 0) or without (one query per row, all S keys visible)
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal,
                                               enable_gqa=q.shape[1] != k.shape[1])
+    assert mask is not None
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-1, -2)) * scale
@@ -60,7 +62,8 @@ class RoutedExecutor:
         return self.spec.n_layers
 
     def _block(self, layer: int, repeat: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               pos: torch.Tensor, rows: torch.Tensor | slice, key_len: int, mask: torch.Tensor) -> torch.Tensor:
+               pos: torch.Tensor, rows: torch.Tensor | slice, key_len: int, mask: torch.Tensor | None,
+               causal: bool) -> torch.Tensor:
         # h: [b, n, d]; cos, sin: [b, n, D]; pos: [b, n]
         blk = self.model.layers[layer]
         attn = blk.self_attn
@@ -79,7 +82,7 @@ class RoutedExecutor:
         self.cache.write(slot, rows, pos, k, v)
         keys, values = self.cache.read(slot, rows, key_len)
         scale = getattr(attn, "scaling", hd**-0.5)
-        o = attention(q, keys, values, mask, scale, self.attn_impl)
+        o = attention(q, keys, values, mask, scale, self.attn_impl, causal)
         h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
         return h + blk.mlp(blk.post_attention_layernorm(h))
 
@@ -106,6 +109,7 @@ class RoutedExecutor:
         dev = self.model.device
         b, n = tokens.shape
         L = self.n_layers
+        start_cpu = start.cpu().long()
         start = start.to(dev, torch.long)
         lengths_cpu = torch.full((b,), n, dtype=torch.long) if lengths is None else lengths.cpu().long()
         if plans is None and decide is None:
@@ -118,9 +122,15 @@ class RoutedExecutor:
         else:
             row_ref = rows.to(dev, torch.long)
         pos = start[:, None] + torch.arange(n, device=dev)  # [b, n]
-        key_len = int((start + n).max())
+        key_len = int((start_cpu + n).max())
         self.cache.reserve(key_len)
-        mask = (torch.arange(key_len, device=dev)[None, None, :] <= pos[:, :, None]).unsqueeze(1)
+        # rows at one common position need no explicit mask: a causal prefill from 0, or one new token each
+        same_start = bool((start_cpu == start_cpu[0]).all())
+        causal = same_start and int(start_cpu[0]) == 0 and n > 1
+        mask: torch.Tensor | None = None
+        if self.attn_impl == "eager" or not (same_start and (causal or n == 1)):
+            mask = (torch.arange(key_len, device=dev)[None, None, :] <= pos[:, :, None]).unsqueeze(1)
+            causal = False
         first = 0
         if resume is None:
             h = self.model.embed(tokens.to(dev))
@@ -134,22 +144,27 @@ class RoutedExecutor:
                 entering.append(h)
             if decide is not None:
                 counts[:, layer] = decide(layer, h, lengths_cpu).cpu().long()
+            col = counts[:, layer].tolist()
             for repeat in (0, 1):
-                sel = counts[:, layer] > repeat
-                n_sel = int(sel.sum())
+                sel = [c > repeat for c in col]
+                n_sel = sum(sel)
                 if n_sel == 0:
                     continue
                 if n_sel == b or n == 1:
                     # all rows, or a decode step (memory-bound: running the block for every row costs about
                     # the same as a gather; rows that skip write a slot they never read and keep their h)
-                    out = self._block(layer, repeat, h, cos, sin, pos, row_ref, key_len, mask)
-                    h = out if n_sel == b else torch.where(sel.to(dev)[:, None, None], out, h)
+                    out = self._block(layer, repeat, h, cos, sin, pos, row_ref, key_len, mask, causal)
+                    if n_sel == b:
+                        h = out
+                    else:
+                        h = torch.where(torch.tensor(sel, device=dev)[:, None, None], out, h)
                 else:
-                    idx = sel.nonzero().squeeze(1).to(dev)
-                    sub_rows = (idx if isinstance(row_ref, slice) else row_ref[idx])
+                    idx = torch.tensor([i for i, on in enumerate(sel) if on], device=dev)
+                    sub_rows = idx if isinstance(row_ref, slice) else row_ref[idx]
+                    sub_mask = None if mask is None else mask[idx]
                     h = h.clone()
                     h[idx] = self._block(layer, repeat, h[idx], cos[idx], sin[idx], pos[idx], sub_rows,
-                                         key_len, mask[idx])
+                                         key_len, sub_mask, causal)
         if all_logits:
             logits = self.model.head(h)
         else:

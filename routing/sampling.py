@@ -52,7 +52,8 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 def process_logits(logits: torch.Tensor, params: SamplingParams, seen: list[int], n_generated: int,
                    eos_ids: tuple[int, ...]) -> torch.Tensor:
     """logits [V] (float32) -> processed logits [V] before sampling (penalties, min_tokens, top-k/p)."""
-    logits = logits.clone()
+    if (params.repetition_penalty != 1.0 and seen) or n_generated < params.min_tokens:
+        logits = logits.clone()  # the caller's logits stay raw (logprobs are reported from them)
     if params.repetition_penalty != 1.0 and seen:
         idx = torch.tensor(sorted(set(seen)), device=logits.device)
         vals = logits[idx]

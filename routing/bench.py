@@ -1,0 +1,146 @@
+"""`drllm bench`: the executor against transformers, and routed plans against the full plan, side by side.
+
+Every configuration is measured in the same run, interleaved round by round, and reported as the median
+over rounds; the ratios are what to read (absolute times drift on shared machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from .generation import BatchGenerator, GenerationRequest
+from .model import BaseModel, load_model
+from .plan import LayerPlan
+from .planner import FixedPlanner, PlanRequest
+from .router_net import RouterConfig, Routers
+from .routers import RouterPlanner
+from .sampling import SamplingParams
+
+PROMPT = ("Question: A student mixes baking soda and vinegar in a cup and sees bubbles. Which statement best "
+          "describes what happened? Choices: A) a physical change B) a chemical reaction C) evaporation D) "
+          "condensation. Explain the answer step by step.")
+
+
+def spread_plan(n_layers: int, executions: int) -> LayerPlan:
+    """Skip evenly spaced middle blocks (first and last two always run) down to `executions`."""
+    counts = [1] * n_layers
+    middle = list(range(2, n_layers - 2))
+    drop = n_layers - executions
+    for k in range(drop):
+        counts[middle[(k * len(middle)) // drop]] = 0
+    return LayerPlan(tuple(counts))
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def executor_run(model: BaseModel, ids: list[int], batch: int, new_tokens: int, plan: LayerPlan) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) of BatchGenerator with a fixed plan."""
+    gen = BatchGenerator(model, max_batch=batch)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    for _ in range(batch):
+        gen.submit(GenerationRequest(list(ids), params, plan=plan))
+    prefill = _timed(gen.step)
+    decode = _timed(gen.run_to_completion)
+    return prefill, batch * (new_tokens - 1) / decode
+
+
+def hf_run(model: BaseModel, ids: list[int], batch: int, new_tokens: int) -> tuple[float, float]:
+    x = torch.tensor([ids] * batch, device=model.device)
+    mask = torch.ones_like(x)
+
+    def gen(n: int) -> None:
+        with torch.inference_mode():
+            model.hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                              pad_token_id=model.eos_token_ids[0])
+
+    prefill = _timed(lambda: gen(1))
+    total = _timed(lambda: gen(new_tokens))
+    return prefill, batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+
+
+def router_overhead(model: BaseModel, ids: list[int], rounds: int) -> tuple[float, float, float]:
+    """Prefill with routers that always choose 'execute' vs. the same full plan without routers.
+    Returns (median prefill without routers, median with, median time inside the routers)."""
+    routers = Routers(RouterConfig(model.spec.n_layers, model.spec.hidden_size)).to(model.device).eval()
+    with torch.no_grad():
+        for r in routers.layers:
+            r.fc2.bias.copy_(torch.tensor([0.0, 100.0, 0.0]))
+    spent = [0.0]
+    inner = routers.layer_logits
+
+    def timed_logits(layer: int, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        t = time.perf_counter()
+        out = inner(layer, hidden, lengths)
+        spent[0] += time.perf_counter() - t
+        return out
+
+    routers.layer_logits = timed_logits  # type: ignore[method-assign]
+    tokens = torch.tensor([ids])
+    rows, lengths = torch.arange(1), torch.tensor([len(ids)])
+    gen = BatchGenerator(model, max_batch=1)
+    plain, routed, inside = [], [], []
+    for _ in range(rounds):
+        plain.append(_timed(lambda: FixedPlanner().prefill(gen.executor, tokens, rows, lengths, [PlanRequest()])))
+        spent[0] = 0.0
+        routed.append(_timed(lambda: RouterPlanner(routers).prefill(gen.executor, tokens, rows, lengths,
+                                                                    [PlanRequest()])))
+        inside.append(spent[0])
+    return statistics.median(plain), statistics.median(routed), statistics.median(inside)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    L = model.spec.n_layers
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    plans = {"full": LayerPlan.full(L), f"{round(L * 0.8)}/{L}": spread_plan(L, round(L * 0.8)),
+             f"{round(L * 0.6)}/{L}": spread_plan(L, round(L * 0.6))}
+    print(f"model {model.name} ({L} layers) on {model.device}, {model.dtype}; torch threads "
+          f"{torch.get_num_threads()}; prompt {len(ids)} tokens; {args.new_tokens} new tokens; "
+          f"median of {args.rounds} interleaved rounds")
+    for batch in args.batch:
+        executor_run(model, ids, batch, 4, plans["full"])  # warm-up
+        hf_run(model, ids, batch, 4)
+        res: dict[str, list[tuple[float, float]]] = {k: [] for k in ["transformers", *plans]}
+        for _ in range(args.rounds):
+            res["transformers"].append(hf_run(model, ids, batch, args.new_tokens))
+            for name, plan in plans.items():
+                res[name].append(executor_run(model, ids, batch, args.new_tokens, plan))
+        med = {k: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v)) for k, v in res.items()}
+        print(f"\nbatch {batch}")
+        print(f"{'config':<22}{'executions':>11}{'prefill ms':>12}{'decode tok/s':>14}{'vs transformers':>17}"
+              f"{'vs full':>9}{'ideal':>7}")
+        hf_tps = med["transformers"][1]
+        print(f"{'transformers generate':<22}{L:>11}{med['transformers'][0] * 1e3:>12.1f}{hf_tps:>14.1f}"
+              f"{1.0:>17.2f}")
+        for name, plan in plans.items():
+            p, d = med[name]
+            print(f"{'executor ' + name:<22}{plan.executions:>11}{p * 1e3:>12.1f}{d:>14.1f}{d / hf_tps:>17.2f}"
+                  f"{d / med['full'][1]:>9.2f}{L / plan.executions:>7.2f}")
+    plain, routed, inside = router_overhead(model, ids, args.rounds * 3)
+    print(f"\nrouter overhead at prefill ({len(ids)} tokens): {inside * 1e3:.2f} ms inside the 30 routers = "
+          f"{100 * inside / plain:.2f}% of a {plain * 1e3:.1f} ms prefill (end-to-end routed/plain prefill "
+          f"{routed / plain:.3f})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .cli import add_model_args
+
+    p = sub.add_parser("bench", help="benchmark the executor against transformers and routed plans")
+    add_model_args(p)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.set_defaults(func=run)

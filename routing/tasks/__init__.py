@@ -1,0 +1,9 @@
+"""Tasks: examples with a prompt and a verifiable answer, loaders for the formats users bring, and a
+seeded arithmetic generator (math levels 1-5). Scoring lives in `routing.tasks.scoring`."""
+
+from __future__ import annotations
+
+from .base import Example, load_task
+from .mathgen import make_math
+
+__all__ = ["Example", "load_task", "make_math"]

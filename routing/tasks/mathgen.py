@@ -1,0 +1,80 @@
+"""A seeded generator of arithmetic problems at five difficulty levels, with disjoint splits.
+
+1: a + b (one digit)   2: one step, two-digit numbers (+, -, x by a digit)   3: two steps (a + b x c)
+4: three steps with parentheses   5: a short multi-step word problem.
+A problem belongs to the held-out split iff sha256(question) % 10 == 0, so the splits never overlap and
+every (seed, split, level, n) gives the same list."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from .base import Example
+
+NAMES = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana")
+ITEMS = ("apples", "books", "coins", "pens", "shells", "stamps", "cards", "marbles")
+
+
+def _problem(level: int, rng: random.Random) -> tuple[str, int]:
+    r = rng.randint
+    if level == 1:
+        a, b = r(1, 9), r(1, 9)
+        return f"What is {a} + {b}?", a + b
+    if level == 2:
+        op = rng.choice("+-x")
+        a, b = r(10, 99), (r(10, 99) if op != "x" else r(2, 9))
+        if op == "-" and b > a:
+            a, b = b, a
+        return f"What is {a} {op} {b}?", a + b if op == "+" else a - b if op == "-" else a * b
+    if level == 3:
+        a, b, c = r(2, 20), r(2, 9), r(2, 9)
+        if rng.random() < 0.5:
+            return f"What is {a} + {b} x {c}?", a + b * c
+        return f"What is {b} x {c} - {a}?", b * c - a
+    if level == 4:
+        a, b, c, d = r(2, 20), r(2, 20), r(2, 9), r(1, 20)
+        return f"What is ({a} + {b}) x {c} - {d}?", (a + b) * c - d
+    n1, n2 = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    a, b, c = r(5, 30), r(2, 9), r(2, 5)
+    q = (f"{n1} has {a} {item}. {n2} gives {n1} {b} bags with {c} {item} in each bag. "
+         f"How many {item} does {n1} have now?")
+    return q, a + b * c
+
+
+def _split_of(question: str) -> str:
+    return "heldout" if int(hashlib.sha256(question.encode()).hexdigest(), 16) % 10 == 0 else "train"
+
+
+def make_math(levels: tuple[int, ...] = (1, 2, 3, 4, 5), n_per_level: int = 100, split: str = "train",
+              seed: int = 0) -> list[Example]:
+    if split not in ("train", "heldout"):
+        raise ValueError("split must be 'train' or 'heldout'")
+    out: list[Example] = []
+    for level in levels:
+        if level not in (1, 2, 3, 4, 5):
+            raise ValueError(f"math level {level} is not in 1..5")
+        rng = random.Random(f"{seed}-{level}-{split}")
+        seen: set[str] = set()
+        tries = 0
+        while len(seen) < n_per_level and tries < 200 * n_per_level:
+            tries += 1
+            q, a = _problem(level, rng)
+            if q in seen or _split_of(q) != split:
+                continue
+            seen.add(q)
+            out.append(Example(f"math-l{level}-{split}-{len(seen) - 1}", f"math-l{level}", q, (), str(a)))
+    return out
+
+
+def make_math_spec(spec: str) -> list[Example]:
+    """'levels=1-5,n=100,split=heldout,seed=0' (any subset, these defaults) -> examples."""
+    kv = dict(p.split("=", 1) for p in spec.replace(";", ",").split(",") if "=" in p)
+    lv = kv.get("levels", "1-5")
+    if "-" in lv:
+        lo, hi = (int(x) for x in lv.split("-"))
+        levels = tuple(range(lo, hi + 1))
+    else:
+        levels = tuple(int(x) for x in lv.split("+"))
+    return make_math(levels, int(kv.get("n", 100)), kv.get("split", "train"), int(kv.get("seed", 0)))
