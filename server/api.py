@@ -1,0 +1,125 @@
+"""The HTTP routes: thin wrappers that take their handler from `app.state` and turn results into responses."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib.metadata
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from .engine import Engine
+from .errors import EngineNotReady, Unauthorized
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .protocol import CompletionRequest, ErrorResponse
+from .serving import OpenAIServingCompletion, create_error_response, list_models
+from .settings import ServerSettings
+
+T = TypeVar("T")
+router = APIRouter()
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _serving(request: Request) -> OpenAIServingCompletion:
+    return request.app.state.serving
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def _settings(request: Request) -> ServerSettings:
+    return request.app.state.settings
+
+
+EngineDep = Annotated[Engine, Depends(_engine)]
+ServingDep = Annotated[OpenAIServingCompletion, Depends(_serving)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+SettingsDep = Annotated[ServerSettings, Depends(_settings)]
+
+
+def require_api_key(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    if settings.api_key is None:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    expected = settings.api_key.get_secret_value().encode()
+    ok = hmac.compare_digest(given.strip().encode(), expected)  # constant time in the key's length
+    if not ok or scheme.lower() != "bearer":
+        raise Unauthorized("missing or invalid API key; send `Authorization: Bearer <key>`")
+
+
+Authorized = [Depends(require_api_key)]
+
+
+def error_json(err: ErrorResponse) -> JSONResponse:
+    return JSONResponse(err.model_dump(), status_code=err.status_code, headers=err.headers)
+
+
+@router.get("/health")
+async def health(engine: EngineDep) -> Response:
+    try:
+        engine.require_ready()
+    except EngineNotReady as e:
+        return error_json(create_error_response(e))
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/version")
+async def version(engine: EngineDep) -> dict[str, object]:
+    return {"version": importlib.metadata.version("drllm"), "model": engine.model_name,
+            "state": engine.state.value, "routers": engine.settings.routers, "routers_loaded": engine.has_routers}
+
+
+@router.get("/metrics")
+async def metrics(m: MetricsDep) -> Response:
+    return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", dependencies=Authorized)
+async def show_models(engine: EngineDep, request: Request) -> Response:
+    try:
+        return JSONResponse(list_models(engine, request.app.state.created).model_dump())
+    except EngineNotReady as e:
+        return error_json(create_error_response(e))
+
+
+@router.post("/v1/completions", dependencies=Authorized)
+async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep) -> Response:
+    result = await _cancel_on_disconnect(request, serving.create_completion(body))
+    if result is None:  # the client went away; nobody reads this
+        return Response(status_code=499)
+    if isinstance(result, ErrorResponse):
+        return error_json(result)
+    if isinstance(result, AsyncIterator):
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return JSONResponse(result.model_dump())
+
+
+async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """Run `work`, cancelling it (which aborts its sequences) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,127 @@
+"""`build_app(settings, engine)`: the FastAPI app, its lifespan (engine thread) and error handlers; `serve()` runs it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import api
+from .engine import Engine
+from .errors import RequestError
+from .metrics import Metrics
+from .protocol import ErrorInfo, ErrorResponse
+from .serving import OpenAIServingCompletion, create_error_response
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    engine: Engine = app.state.engine
+    engine.start()  # loads in the background; /health says 503 until it is ready
+    try:
+        yield
+    finally:
+        engine.stop()
+
+
+def build_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
+    engine = engine or Engine(settings)
+    metrics = Metrics(engine.model_name)
+    engine.stats = metrics
+    app = FastAPI(title="drllm", summary="OpenAI-compatible completions with dynamic layer routing",
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.serving = OpenAIServingCompletion(engine)
+    app.state.created = int(time.time())
+    app.include_router(api.router)
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _any_error)
+    app.add_middleware(CountCompletions, metrics=metrics)
+    return app
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 becomes OpenAI's 400, naming the first offending field."""
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    if first.get("type") == "json_invalid":
+        param, msg = None, f"the body is not valid JSON: {first.get('ctx', {}).get('error', msg)}"
+    else:
+        param = loc[0] if loc else None
+        msg = f"{'.'.join(loc)}: {msg}" if loc else msg
+    return api.error_json(create_error_response(RequestError(msg, param)))
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    err = ErrorResponse(error=ErrorInfo(message=str(exc.detail), type=kind), status_code=exc.status_code,
+                        headers=dict(exc.headers or {}))
+    return api.error_json(err)
+
+
+async def _any_error(request: Request, exc: Exception) -> JSONResponse:
+    return api.error_json(create_error_response(exc))
+
+
+class CountCompletions:
+    """Counts /v1/completions responses by status class (2xx/4xx/5xx), whatever produced them."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/completions":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def counting_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                if message["status"] != 499:  # client gone: no response was delivered
+                    self.metrics.on_response(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            if not started:
+                self.metrics.on_response(500)
+            raise
+
+
+def serve(settings: ServerSettings) -> int:
+    """Run the server until interrupted. Returns 2 (with a message) when the model or routers fail to load."""
+    import uvicorn
+
+    logging.getLogger().setLevel(settings.log_level.upper())
+    engine = Engine(settings)
+    app = build_app(settings, engine)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level, timeout_graceful_shutdown=5))
+
+    def on_failure(e: BaseException) -> None:
+        server.should_exit = True
+
+    engine.on_failure = on_failure
+    server.run()
+    if engine.error is not None:
+        print(f"drllm: error: cannot serve: {engine.error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,225 @@
+"""Request and response models of the OpenAI-compatible API (legacy Completions), plus drllm's extensions.
+
+Extensions to OpenAI's request: `budget` (float in (0, 2]: most block executions as a fraction of L),
+`routing` ("auto" | "full"), `plan` (a fixed per-layer plan of 0/1/2 counts, overriding routers and
+budget; handy for tests and benchmarks), and vLLM's `top_k`, `min_tokens`, `repetition_penalty`,
+`ignore_eos`. Responses add a `routing` object per choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from routing.sampling import SamplingParams
+
+from .errors import RequestError
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class OpenAIBaseModel(BaseModel):
+    # Unknown fields are accepted and ignored (logged), as OpenAI-compatible servers do.
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_extra(self) -> OpenAIBaseModel:
+        if self.model_extra:
+            log.info("ignoring unknown request fields: %s", ", ".join(sorted(self.model_extra)))
+        return self
+
+
+# --- errors -------------------------------------------------------------------------------------------
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+    status_code: int = Field(400, exclude=True)
+    headers: dict[str, str] = Field(default_factory=dict, exclude=True)
+
+
+# --- completions --------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool | None = False
+
+
+class CompletionRequest(OpenAIBaseModel):
+    model: str | None = None  # None: the served model
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    user: str | None = None
+    # OpenAI fields drllm does not implement: accepted only at their neutral values
+    best_of: int | None = None
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # vLLM extensions
+    top_k: int | None = Field(None, ge=-1)
+    min_tokens: int = Field(0, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+    # drllm extensions
+    budget: float | None = Field(None, gt=0, le=2)
+    routing: Literal["auto", "full"] = "auto"
+    plan: list[int] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Prompt) -> Prompt:
+        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError("best_of other than 1 is not supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix is not supported")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalties(cls, v: float | None) -> float | None:
+        if v:
+            raise ValueError("this penalty is not supported; use repetition_penalty")
+        return v
+
+    @field_validator("plan")
+    @classmethod
+    def _plan(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(c not in (0, 1, 2) for c in v)):
+            raise ValueError("plan must be a non-empty list of per-layer counts 0 (skip), 1 or 2 (repeat)")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def to_sampling_params(self, defaults: dict[str, Any] | None = None, seed_offset: int = 0) -> SamplingParams:
+        """The user's value first, then the server's default, then OpenAI's default."""
+        defaults = defaults or {}
+
+        def pick(name: str, openai_default: Any) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, openai_default)
+
+        max_tokens = pick("max_tokens", 16)
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed with stream=true", "stream_options")
+        if self.min_tokens > max_tokens:
+            raise RequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                               "min_tokens")
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+                top_k=pick("top_k", 0), seed=None if self.seed is None else self.seed + seed_offset,
+                stop=tuple(stop), min_tokens=self.min_tokens, repetition_penalty=pick("repetition_penalty", 1.0),
+                logprobs=self.logprobs, ignore_eos=self.ignore_eos,
+            )
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+
+
+class CompletionLogProbs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class RoutingInfo(BaseModel):
+    layers_total: int
+    layers_executed: int  # block executions per token (a repeat counts 2)
+    layers_skipped: int
+    layers_repeated: int
+    plan: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    routing: RoutingInfo | None = None
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    routing: list[RoutingInfo | None] | None = None  # the usage chunk only: per choice, by index
+
+
+# --- models -------------------------------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "drllm"
+    root: str | None = None
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
