@@ -175,6 +175,8 @@ class RoutingInfo(BaseModel):
     layers_skipped: int
     layers_repeated: int
     plan: list[int]
+    # the routers' per-layer probabilities over (skip, execute, repeat); only for router-planned choices
+    decision_probs: list[list[float]] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class CompletionChoice(BaseModel):

@@ -258,7 +258,10 @@ class _Meta:
 
 
 def _routing(seq: Sequence) -> RoutingInfo | None:
-    return None if seq.plan is None else RoutingInfo(**plan_summary(seq.plan))  # type: ignore[arg-type]
+    if seq.plan is None:
+        return None
+    probs = None if seq.decisions is None else [[round(p, 4) for p in layer] for layer in seq.decisions]
+    return RoutingInfo(**plan_summary(seq.plan), decision_probs=probs)  # type: ignore[arg-type]
 
 
 def _usage(meta: _Meta, handle: RequestHandle) -> UsageInfo:

@@ -1,8 +1,8 @@
 """The completion server over real HTTP (uvicorn on a loopback port) with the default model on CPU.
 
-Servers run without routers; mixed compute comes from fixed plans (the `plan` extension) and `routing`.
-Three servers share the session's model: `live` (batch 8), `small` (batch 1, queue 1, API key) for 401/429,
-and `stuck` (an engine that never finishes loading) for 503.
+The servers share the session's model: `live` (no routers, batch 8; mixed compute from fixed plans via the
+`plan` extension), `routed` (decisive random routers saved as a checkpoint, for budgets), `small` (batch 1,
+queue 1, API key) for 401/429, and `stuck` (an engine that never finishes loading) for 503.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from openai import AsyncOpenAI, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from routing.model import BaseModel
+from routing.router_net import RouterConfig, Routers
+from routing.routers import save_routers
 from server.app import build_app, serve
 from server.engine import Engine
 from server.settings import ServerSettings
@@ -38,6 +41,7 @@ class LiveServer:
     """uvicorn in a thread on a free loopback port."""
 
     def __init__(self, app: object) -> None:
+        self.app = app
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -75,6 +79,23 @@ def live(default_model: BaseModel) -> Iterator[LiveServer]:
 @pytest.fixture(scope="module")
 def small(default_model: BaseModel) -> Iterator[LiveServer]:
     s = ServerSettings(routers="none", max_batch_size=1, max_queue=1, api_key=KEY, served_model_name="small")
+    yield from _run(build_app(s, Engine(s, model=default_model)))
+
+
+def random_routers(model: BaseModel, seed: int) -> Routers:
+    """Decisive random routers: their plans both skip and repeat."""
+    torch.manual_seed(seed)
+    r = Routers(RouterConfig(n_layers=model.spec.n_layers, hidden_size=model.spec.hidden_size))
+    with torch.no_grad():
+        for layer in r.layers:
+            layer.fc2.weight.mul_(40)
+    return r.eval()
+
+
+@pytest.fixture(scope="module")
+def routed(default_model: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    ck = save_routers(tmp_path_factory.mktemp("routers") / "random", random_routers(default_model, 0), default_model)
+    s = ServerSettings(routers=str(ck), max_batch_size=8)
     yield from _run(build_app(s, Engine(s, model=default_model)))
 
 
@@ -363,6 +384,28 @@ def test_loading_is_503(stuck: LiveServer) -> None:
     assert httpx.get(stuck.url + "/metrics").status_code == 200
 
 
+def test_engine_failure_is_500_without_internals_and_serving_goes_on(live: LiveServer) -> None:
+    engine: Engine = live.app.state.engine  # type: ignore[attr-defined]
+    gen = engine._gen
+    assert gen is not None
+    real_step, calls = gen.step, []
+
+    def failing_step() -> list:
+        calls.append(1)
+        if len(calls) == 3:  # after the prefill and a decode step: the stream has started
+            raise RuntimeError("secret internals")
+        return real_step()
+
+    gen.step = failing_step  # type: ignore[method-assign]
+    chunks = _sse_chunks(live, {"prompt": "Hi", "max_tokens": 50, "ignore_eos": True, "stream": True})
+    assert chunks[-1]["error"]["type"] == "server_error" and "secret" not in str(chunks[-1])
+    assert engine._gen is not gen  # a fresh batch
+    engine._gen.step = lambda: (_ for _ in ()).throw(RuntimeError("secret internals"))  # type: ignore[method-assign]
+    r = post(live, {"prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 500 and "secret" not in r.text and r.json()["error"]["type"] == "server_error"
+    assert complete(live, prompt="Hi", max_tokens=2, ignore_eos=True)["usage"]["completion_tokens"] == 2
+
+
 def test_explicit_router_path_that_fails_exits_clearly(default_model: BaseModel, monkeypatch, capsys) -> None:
     monkeypatch.setattr("server.engine.load_model", lambda *a, **k: default_model)
     with socket.socket() as s:
@@ -418,21 +461,45 @@ def test_metrics_move_by_exactly_what_the_requests_did(live: LiveServer, model_n
     assert metric(after, "drllm_num_requests_running", m) == 0
 
 
-# --- batching -------------------------------------------------------------------------------------------
-def test_concurrent_greedy_equals_sent_alone(live: LiveServer, model_name: str) -> None:
-    jobs = [("The capital of France is", {"routing": "full"}),
-            ("In 1969, astronauts", {"plan": SKIPS}),
-            ("def fibonacci(n):", {"plan": REPEATS}),
-            ("A haiku about the sea:\n", {"plan": MIXED}),
-            ("Hello", {"budget": 1.0}),
-            ("The three primary colours are red,", {"plan": LIGHT, "budget": 0.5}),
-            ("Once upon a time", {"plan": MIXED, "logprobs": 1})]
-    client = AsyncOpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+# --- routers and batching -----------------------------------------------------------------------------
+def test_routed_budgets(routed: LiveServer, model_name: str) -> None:
+    client = OpenAI(base_url=routed.url + "/v1", api_key="unused", max_retries=0)
+    assert httpx.get(routed.url + "/version").json()["routers_loaded"] is True
 
-    async def one(prompt: str, extra: dict) -> tuple[str, list[int]]:
+    def routing_of(extra: dict) -> dict:
+        out = client.completions.create(model=model_name, prompt="The weather today is", max_tokens=2,
+                                        temperature=0, extra_body=extra)
+        return out.choices[0].routing  # type: ignore[attr-defined]
+
+    own = routing_of({})
+    assert len(own["decision_probs"]) == L and all(sum(p) == pytest.approx(1, abs=1e-3) for p in own["decision_probs"])
+    assert own["layers_skipped"] > 0 or own["layers_repeated"] > 0  # decisive random routers
+    executed = []
+    for budget in (2.0, 1.0, 0.75, 0.5, 0.25, 0.01):
+        r = routing_of({"budget": budget})
+        assert r["layers_executed"] <= max(1, int(budget * L + 1e-9)), budget
+        executed.append(r["layers_executed"])
+    assert executed == sorted(executed, reverse=True)
+    full = routing_of({"routing": "full", "budget": 0.5})
+    assert full["plan"] == [1] * L and "decision_probs" not in full
+
+
+def test_concurrent_greedy_equals_sent_alone(routed: LiveServer, model_name: str) -> None:
+    jobs = [("The capital of France is", {"budget": 0.5}),
+            ("In 1969, astronauts", {"budget": 0.75}),
+            ("def fibonacci(n):", {}),
+            ("A haiku about the sea:\n", {"budget": 1.0}),
+            ("Hello", {"routing": "full"}),
+            ("The three primary colours are red,", {"plan": MIXED}),
+            ("Once upon a time", {"plan": SKIPS, "logprobs": 1}),
+            ("Water boils at", {"budget": 0.6, "n": 2})]
+    client = AsyncOpenAI(base_url=routed.url + "/v1", api_key="unused", max_retries=0)
+
+    async def one(prompt: str, extra: dict) -> list[tuple[str, list[int]]]:
+        extra = dict(extra)
         out = await client.completions.create(model=model_name, prompt=prompt, max_tokens=8, temperature=0,
-                                              extra_body=extra)
-        return out.choices[0].text, out.choices[0].routing["plan"]  # type: ignore[attr-defined]
+                                              n=extra.pop("n", 1), extra_body=extra)
+        return [(c.text, c.routing["plan"]) for c in out.choices]  # type: ignore[attr-defined]
 
     async def run() -> tuple[list, list]:
         alone = [await one(p, e) for p, e in jobs]
@@ -441,7 +508,8 @@ def test_concurrent_greedy_equals_sent_alone(live: LiveServer, model_name: str) 
 
     alone, together = asyncio.run(run())
     assert together == alone
-    assert alone[1][1] == SKIPS and alone[3][1] == MIXED
+    assert alone[5][0][1] == MIXED and alone[4][0][1] == [1] * L
+    assert len({tuple(a[0][1]) for a in alone}) >= 5  # the batch really mixed plans
 
 
 def test_disconnecting_clients_free_their_rows(live: LiveServer, model_name: str) -> None:
