@@ -77,8 +77,10 @@ class RequestHandle:
 
     def push(self, item: tuple[int, TokenEvent] | BaseException) -> None:
         """From the engine thread."""
-        if not self.loop.is_closed():
+        try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            pass
 
 
 @dataclass
@@ -223,7 +225,11 @@ class Engine:
                 log.exception("engine: step failed; failing %d sequences", len(gen.running) + len(gen.waiting))
                 gen = self._reset(gen.planner, e)
                 continue
-            self.stats.on_step(self._dispatch(events, gen))
+            stats = self._dispatch(events, gen)
+            try:
+                self.stats.on_step(stats)
+            except Exception:  # noqa: BLE001 - metrics must never stop serving
+                log.exception("engine: recording step stats failed")
 
     def _dispatch(self, events: list[TokenEvent], gen: BatchGenerator) -> StepStats:
         now = time.monotonic()
