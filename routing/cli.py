@@ -126,3 +126,7 @@ def main(argv: list[str] | None = None,
     except (ValueError, FileNotFoundError) as e:
         print(f"drllm: error: {e}", file=sys.stderr)
         return 2
+
+from .pipeline_cli import register as _register_pipeline  # noqa: E402
+
+_registered.append(_register_pipeline)

@@ -54,18 +54,19 @@ def prompt_ids(ex: Example, tokenizer: object, fmt: str = "plain") -> list[int]:
     raise ValueError(f"prompt format must be one of {FORMATS}")
 
 
-def _single_token(tokenizer: object, text: str) -> int:
+def _label_token(tokenizer: object, text: str) -> int:
+    """The label's token (BPE tokenizers give ' A' one token; otherwise its last token is scored)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    if len(ids) != 1:
-        raise ValueError(f"choice label {text!r} is not a single token")
-    return int(ids[0])
+    if not ids:
+        raise ValueError(f"choice label {text!r} has no tokens")
+    return int(ids[-1])
 
 
 def encode(ex: Example, tokenizer: object, fmt: str = "plain") -> Encoded:
     ids = prompt_ids(ex, tokenizer, fmt)
     space = " " if fmt == "plain" else ""
     if ex.is_mc:
-        labels = tuple(_single_token(tokenizer, space + LETTERS[i]) for i in range(len(ex.choices)))
+        labels = tuple(_label_token(tokenizer, space + LETTERS[i]) for i in range(len(ex.choices)))
         return Encoded(tuple(ids), len(ids), labels=labels, gold=ex.gold_index)
     target = tuple(tokenizer(space + ex.answer, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
     return Encoded(tuple(ids) + target, len(ids), target=target)
