@@ -82,6 +82,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
            "--log-level", "warning"]
     if args.device:
         cmd += ["--device", args.device]
+    if args.torch_threads is not None:
+        cmd += ["--torch-threads", str(args.torch_threads)]
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -105,6 +107,7 @@ def main() -> int:
     p.add_argument("--routers", default="default")
     p.add_argument("--device", default=None)
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--torch-threads", type=int, default=None, help="the server's --torch-threads")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--min-requests", type=int, default=8)
@@ -121,6 +124,7 @@ def main() -> int:
         routers = bool(version.get("routers_loaded"))
         print(f"model {version['model']}  routers {'on' if routers else 'off (fixed mixed plans)'}  "
               f"L={n_layers}  max_tokens={args.max_tokens}  max_batch_size={args.max_batch_size}  "
+              f"server torch threads={version.get('torch_threads')}  "
               f"bench torch.get_num_threads()={torch.get_num_threads()}  os.cpu_count()={os.cpu_count()}")
         seq = asyncio.run(run(url, workload(args.sequential_requests, n_layers, routers, args.max_tokens), 1))
         print(f"one request at a time: {seq.requests} requests, {seq.tokens} tokens in {seq.seconds:.1f}s = "

@@ -73,7 +73,8 @@ async def health(engine: EngineDep) -> Response:
 @router.get("/version")
 async def version(engine: EngineDep) -> dict[str, object]:
     return {"version": importlib.metadata.version("drllm"), "model": engine.model_name,
-            "state": engine.state.value, "routers": engine.settings.routers, "routers_loaded": engine.has_routers}
+            "state": engine.state.value, "routers": engine.settings.routers, "routers_loaded": engine.has_routers,
+            "torch_threads": engine.torch_threads}
 
 
 @router.get("/metrics")

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from routing.generation import BatchGenerator, GenerationRequest, Sequence, TokenEvent
 from routing.model import BaseModel, load_model
@@ -100,6 +103,7 @@ class Engine:
         self.state = EngineState.LOADING
         self.error: BaseException | None = None
         self.has_routers = False
+        self.torch_threads: int | None = None  # set when loaded
         self._gen: BatchGenerator | None = None
         self._lock = threading.Lock()  # guards _tracks and submission
         self._tracks: dict[int, _Track] = {}
@@ -150,10 +154,10 @@ class Engine:
         """Queue the sequences of one HTTP request. Raises EngineNotReady, QueueFull or ValueError (bad request;
         nothing is queued then)."""
         self.require_ready()
-        gen = self._gen
-        assert gen is not None
         handle = RequestHandle([], asyncio.get_running_loop())
         with self._lock:
+            gen = self._gen
+            assert gen is not None
             if len(gen.waiting) + len(requests) > self.settings.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.settings.max_queue} waiting sequences); "
                                 "retry later")
@@ -172,11 +176,10 @@ class Engine:
 
     def abort(self, handle: RequestHandle) -> None:
         """Cancel the handle's unfinished sequences (client gone); their rows free up at the next step."""
-        if self._gen is None:
-            return
-        pending = [s for s in handle.seqs if not s.finished]
-        for seq in pending:
-            self._gen.abort(seq)
+        with self._lock:  # only sequences still tracked live in the current batch
+            pending = [s for s in handle.seqs if s.seq_id in self._tracks]
+            for seq in pending:
+                self._gen.abort(seq)  # type: ignore[union-attr]
         if pending:
             self._wake.set()
 
@@ -197,15 +200,18 @@ class Engine:
         t0 = time.monotonic()
         if self.model is None:
             self.model = load_model(s.model, device=s.device, dtype=s.dtype)
+        if self.model.device.type == "cpu":
+            _set_cpu_threads(s.torch_threads)
+        self.torch_threads = torch.get_num_threads()
         planner, self.has_routers = make_planner(s.routers, self.model)
         self._gen = self._new_generator(planner)
         self._gen.submit(GenerationRequest([1, 2, 3], SamplingParams(max_tokens=2, temperature=0)))
         self._gen.run_to_completion()  # warm-up, so the first request does not pay for lazy init
         self.stats.on_ready(self.model_name, self.model.spec.n_layers)
         self.state = EngineState.READY
-        log.info("engine: %s ready in %.1fs (%d layers, routers: %s, max batch %d)", self.model_name,
-                 time.monotonic() - t0, self.model.spec.n_layers, "on" if self.has_routers else "off",
-                 s.max_batch_size)
+        log.info("engine: %s ready in %.1fs (%d layers, routers: %s, max batch %d, %s, torch threads %d)",
+                 self.model_name, time.monotonic() - t0, self.model.spec.n_layers,
+                 "on" if self.has_routers else "off", s.max_batch_size, self.model.device, torch.get_num_threads())
 
     def _new_generator(self, planner: Planner) -> BatchGenerator:
         assert self.model is not None
@@ -255,13 +261,25 @@ class Engine:
         return stats
 
     def _reset(self, planner: Planner, error: Exception) -> BatchGenerator:
+        """Fail every request in flight and continue with a fresh batch."""
+        fresh = self._new_generator(planner)
         with self._lock:
-            tracks, self._tracks = self._tracks, {}
+            tracks, self._tracks, self._gen = self._tracks, {}, fresh
         failure = EngineFailure(f"{type(error).__name__} in the engine step")
         for handle in {id(t.handle): t.handle for t in tracks.values()}.values():
             handle.push(failure)
-        self._gen = self._new_generator(planner)
-        return self._gen
+        return fresh
+
+
+def _set_cpu_threads(n: int | None) -> None:
+    """CPU inference: by default leave one core to the event loop. With every core busy in intra-op threads,
+    HTTP handling and the OpenMP workers preempt each other and a decode step can take 10x longer."""
+    if n == 0:
+        return
+    if n is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, cores - 1)
+    torch.set_num_threads(n)
 
 
 def _choice_stats(seq: Sequence, now: float) -> ChoiceStats:

@@ -25,6 +25,7 @@ class ServerSettings(BaseSettings):
     served_model_name: str | None = None  # the name clients send as `model` (default: the model's name)
     device: str | None = None  # cpu, cuda, cuda:1 (default: cuda if available)
     dtype: str = "auto"
+    torch_threads: int | None = Field(None, ge=0)  # CPU intra-op threads; None: all cores but one; 0: torch's
     log_level: str = "info"
 
     @field_validator("log_level")
@@ -56,6 +57,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="model name clients send [DRLLM_SERVED_MODEL_NAME]")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available) [DRLLM_DEVICE]")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16 [DRLLM_DTYPE]")
+    p.add_argument("--torch-threads", type=int,
+                   help="CPU threads for the model (default: all cores but one, left for HTTP; 0: torch's "
+                        "default) [DRLLM_TORCH_THREADS]")
     p.add_argument("--log-level", help=f"{', '.join(LOG_LEVELS)} (default info) [DRLLM_LOG_LEVEL]")
     p.set_defaults(func=_cmd_serve)
 

@@ -70,6 +70,13 @@ def _run(app: object, wait_ready: bool = True) -> Iterator[LiveServer]:
     srv.stop()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()  # the engines set the process-wide CPU thread count
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def live(default_model: BaseModel) -> Iterator[LiveServer]:
     s = ServerSettings(routers="none", max_batch_size=8, max_queue=32)
