@@ -4,7 +4,9 @@ the same execution count as baselines in the same run, per-layer decision shares
 from __future__ import annotations
 
 import json
+import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,11 +61,13 @@ class Scorer:
         return out
 
     @torch.inference_mode()
-    def route(self, routers: Routers, encs: list[Encoded]) -> tuple[list[Plan], list[list[list[float]]]]:
+    def route(self, routers: Routers, encs: list[Encoded]) -> tuple[list[Plan], list[list[list[float]]],
+                                                                    list[bool | None]]:
         """Routers decide each prompt's plan during its prefill (as RouterPlanner does) -> (plans, per-layer
         decision logits [L][3]); budgets are applied afterwards with `apply_budget`."""
         plans: list[Plan] = []
         logits: list[list[list[float]]] = []
+        correct: list[bool | None] = []
         for k in range(0, len(encs), self.batch):
             chunk = encs[k:k + self.batch]
             tokens, lengths = _pad([e.ids[:e.prompt_len] for e in chunk])
@@ -81,12 +85,15 @@ class Scorer:
             for j in range(len(chunk)):
                 plans.append(tuple(int(c) for c in res.counts[j]))
                 logits.append(stacked[j].tolist())
-        return plans, logits
+                correct.append(judge(chunk[j], res.logits[j])[0] if chunk[j].is_mc else None)
+        return plans, logits, correct
 
     @torch.inference_mode()
-    def block_influence(self, encs: list[Encoded]) -> list[float]:
+    def block_influence(self, encs: list[Encoded]) -> tuple[list[float], list[bool | None]]:
         """ShortGPT block influence: 1 - mean cosine(hidden in, hidden out) over the prompt tokens (the last
-        block gets inf: its output is not captured, and ShortGPT never drops it in practice)."""
+        block gets inf: its output is not captured, and ShortGPT never drops it in practice). The same pass
+        gives the base correctness of multiple-choice prompts."""
+        correct: list[bool | None] = []
         bi = torch.zeros(self.L, dtype=torch.float64)
         count = 0
         for k in range(0, len(encs), self.batch):
@@ -96,6 +103,7 @@ class Scorer:
             res = self.executor.forward(tokens, torch.zeros(b, dtype=torch.long), plans=torch.ones(b, self.L,
                                         dtype=torch.long), lengths=lengths, capture=True, all_logits=False)
             assert res.entering is not None
+            correct += [judge(e, res.logits[j])[0] if e.is_mc else None for j, e in enumerate(chunk)]
             valid = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
             hs = res.entering
             for layer in range(self.L - 1):
@@ -105,7 +113,7 @@ class Scorer:
             count += int(lengths.sum())
         bi /= max(count, 1)
         bi[-1] = float("inf")  # the last block's output is not captured: it is never pruned
-        return bi.tolist()
+        return bi.tolist(), correct
 
 
 def static_plan(bi: list[float], n_prune: int) -> Plan:
@@ -138,6 +146,22 @@ def decision_shares(plans: list[Plan], L: int) -> list[list[float]]:
     return out
 
 
+def task_name(examples: list[Example]) -> str:
+    """The common task of the examples: 'math' for math-l1..math-l5."""
+    names = sorted({e.task for e in examples})
+    if len(names) <= 1:
+        return names[0] if names else ""
+    prefix = os.path.commonprefix(names).rstrip("-l").rstrip("-")
+    return prefix or "+".join(names)
+
+
+def _merge(known: list[bool | None], fill: Callable[[list[int]], list[bool]]) -> list[bool]:
+    """Fill the None entries of `known` by scoring those indices."""
+    idx = [i for i, k in enumerate(known) if k is None]
+    got = dict(zip(idx, fill(idx), strict=True)) if idx else {}
+    return [bool(k) if k is not None else got[i] for i, k in enumerate(known)]
+
+
 def _acc(xs: list[bool]) -> float:
     return 100.0 * sum(xs) / max(len(xs), 1)
 
@@ -152,24 +176,29 @@ def evaluate_task(model: BaseModel, routers: Routers, examples: list[Example], b
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(steps), desc=f"eval {examples[0].task if examples else ''}", unit="step")
+        bar = tqdm(total=len(steps), desc=f"eval {task_name(examples)}", unit="step")
 
     def tick() -> None:
         if bar is not None:
             bar.update(1)
 
-    base = sc.score(examples, encs, [full] * len(examples))
+    bi, base_mc = sc.block_influence(encs)
+    base = _merge(base_mc, lambda idx: sc.score([examples[i] for i in idx], [encs[i] for i in idx],
+                                                [full] * len(idx)))
     tick()
-    routed, logits = sc.route(routers, encs)
+    routed, logits, routed_mc = sc.route(routers, encs)
     tick()
-    bi = sc.block_influence(encs)
     tick()
     rng = random.Random(seed)
     rows = []
     shares = {}
     for b in budgets:
         plans = [tuple(apply_budget(list(p), lg, b)) for p, lg in zip(routed, logits, strict=True)]
-        acc = sc.score(examples, encs, plans)
+        if b is None:
+            acc = _merge(routed_mc, lambda idx, ps=plans: sc.score([examples[i] for i in idx], [encs[i] for i in idx],
+                                                                   [ps[i] for i in idx]))
+        else:
+            acc = sc.score(examples, encs, plans)
         mean_exec = sum(sum(p) for p in plans) / max(len(plans), 1)
         k = round(L - mean_exec)
         stat = static_plan(bi, k)
@@ -188,7 +217,7 @@ def evaluate_task(model: BaseModel, routers: Routers, examples: list[Example], b
         tick()
     if bar is not None:
         bar.close()
-    return {"task": examples[0].task if examples else "", "n": len(examples), "base_accuracy": _acc(base),
+    return {"task": task_name(examples), "n": len(examples), "base_accuracy": _acc(base),
             "base_executions": L, "budgets": rows, "decision_shares": shares, "block_influence": bi}
 
 

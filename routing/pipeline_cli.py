@@ -60,6 +60,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     examples = load_sources(parse_sources(args.data, args.task, args.limit), args.limit)
     random.Random(args.seed).shuffle(examples)  # interleave sources: a partial run covers all of them
     examples = examples[i::n]
+    if args.ids_from:
+        keep = [(r["task"], r["id"]) for r in map(json.loads, Path(args.ids_from).read_text().splitlines()) if r]
+        keep = keep[:args.max_examples] if args.max_examples else keep
+        by_key = {(e.task, e.id): e for e in examples}
+        examples = [by_key[k] for k in keep if k in by_key]
+    elif args.max_examples:
+        examples = examples[:args.max_examples]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
@@ -82,12 +89,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
     with open(out, "a") as f:
         for e in bar:
             enc = encode(e, model.tokenizer, args.prompt_format)
-            res = search_example(executor, enc, stops if not e.is_mc else None, cfg, args.method)
-            rec = {"id": e.id, "task": e.task, "method": args.method, **res.record(L),
-                   "config": {**cfg.__dict__, "prompt_format": args.prompt_format}}
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            evals, secs = evals + res.evals, secs + res.seconds
+            # --ab-reuse: search each example with and without prefix reuse, alternating which goes first,
+            # so that machine load hits both alike (the targets must agree)
+            flags = [cfg.reuse] if not args.ab_reuse else [True, False] if bar.n % 2 == 0 else [False, True]
+            for flag in flags:
+                cfg.reuse = flag
+                res = search_example(executor, enc, stops if not e.is_mc else None, cfg, args.method)
+                rec = {"id": e.id, "task": e.task, "method": args.method, **res.record(L),
+                       "config": {**cfg.__dict__, "prompt_format": args.prompt_format}}
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                evals, secs = evals + res.evals, secs + res.seconds
             bar.set_postfix(evals_s=f"{evals / max(secs, 1e-9):.2f}")
     return 0
 
@@ -173,7 +185,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search_summary(args: argparse.Namespace) -> int:
+    from .search import summarize
+
+    runs: dict[str, list[dict]] = {}
+    for p in args.files:
+        for r in (json.loads(x) for x in Path(p).read_text().splitlines() if x.strip()):
+            reuse = "" if r.get("config", {}).get("reuse", True) else " (no reuse)"
+            runs.setdefault(f"{p} {r.get('method', '?')}{reuse}", []).append(r)
+    common = set.intersection(*({(r["task"], r["id"]) for r in rs} for rs in runs.values()))
+    rows = [summarize([r for r in rs if (r["task"], r["id"]) in common], args.layers) | {"file": p}
+            for p, rs in runs.items()]
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search-summary", help="compare search JSONL files on their common examples")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--layers", type=int, default=30)
+    p.set_defaults(func=_cmd_search_summary)
+
     p = sub.add_parser("search", help="MCTS over layer plans per training example -> JSONL targets")
     add_model_args(p)
     p.add_argument("--task", default=None, help="task kind for bare --data paths (arc, mmlu, gsm8k, jsonl, math)")
@@ -182,6 +214,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="examples per source")
     p.add_argument("--out", required=True, help="JSONL output (appended; finished examples are skipped)")
     p.add_argument("--shard", default="0/1", help="i/n: this process searches examples i, i+n, ...")
+    p.add_argument("--max-examples", type=int, default=None, help="stop after this many examples")
+    p.add_argument("--ids-from", default=None,
+                   help="search only the examples of this search JSONL, in its order (to compare methods)")
     p.add_argument("--method", choices=("mcts", "chain"), default="mcts",
                    help="mcts, or the reference's chain of random edits")
     p.add_argument("--simulations", type=int, default=32)
@@ -193,6 +228,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-saved", type=int, default=4)
     p.add_argument("--no-stop-on-fix", action="store_true")
     p.add_argument("--no-reuse", action="store_true", help="disable prefix reuse (for measurement)")
+    p.add_argument("--ab-reuse", action="store_true", help="search every example with and without reuse")
     p.add_argument("--prompt-format", choices=("plain", "chat"), default="plain")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

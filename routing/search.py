@@ -261,3 +261,23 @@ def search_example(executor: RoutedExecutor, enc: Encoded, stops: set[int] | Non
     ev = PlanEvaluator(executor, enc, stops, cfg.reuse)
     s = MCTS(ev, cfg) if method == "mcts" else RandomChain(ev, cfg)
     return s.run()
+
+
+def summarize(records: list[dict], L: int) -> dict[str, float]:
+    """Search statistics over JSONL records: shares with a shorter correct plan and of wrong examples
+    fixed, mean target executions, plan evaluations per second, blocks computed per evaluation."""
+    n = max(len(records), 1)
+    wrong = [r for r in records if not r["base_correct"]]
+    secs = sum(r["seconds"] for r in records)
+    evals = sum(r["evals"] for r in records)
+    return {"examples": len(records), "method": records[0].get("method", "?") if records else "?",
+            "reuse": records[0].get("config", {}).get("reuse") if records else None,
+            "base_accuracy": sum(r["base_correct"] for r in records) / n,
+            "target_correct": sum(r["target_correct"] for r in records) / n,
+            "shorter_correct": sum(r["shorter"] for r in records) / n,
+            "wrong_fixed": sum(r["fixed"] for r in wrong) / max(len(wrong), 1),
+            "mean_target_executions": sum(r["target_executions"] for r in records) / n,
+            "mean_saved_when_correct": sum(L - r["target_executions"] for r in records if r["target_correct"])
+            / max(1, sum(r["target_correct"] for r in records)),
+            "evals": evals, "evals_per_s": evals / max(secs, 1e-9),
+            "blocks_per_eval": sum(r.get("blocks_run", 0) for r in records) / max(evals, 1)}

@@ -93,3 +93,12 @@ def test_judge_mc_and_teacher_forced_short() -> None:
 def test_example_properties() -> None:
     e = Example("1", "t", "q", ("a", "b"), "1")
     assert e.is_mc and e.gold_index == 1
+
+
+def test_compare_family() -> None:
+    ex = load_task("compare", "n=5,seed=1")
+    assert len(ex) == 5 and ex == load_task("compare", "n=5,seed=1")
+    for e in ex:
+        nums = [int(c) for c in e.choices]
+        want = max(nums) if "largest" in e.question else min(nums)
+        assert nums[e.gold_index] == want

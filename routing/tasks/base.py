@@ -38,17 +38,20 @@ def label_index(label: str, n_choices: int, labels: list[str] | None = None) -> 
     raise ValueError(f"answer {label!r} is not a choice label of a {n_choices}-choice question")
 
 
-TASK_KINDS = ("arc", "mmlu", "gsm8k", "jsonl", "math")
+TASK_KINDS = ("arc", "mmlu", "gsm8k", "jsonl", "math", "compare")
 
 
 def load_task(kind: str, path: str | Path | None = None, limit: int | None = None, name: str | None = None,
               **kw: object) -> list[Example]:
-    """kind: arc | mmlu | gsm8k | jsonl (path required) or math (generated: path = 'levels=1-5,n=200,
-    split=heldout,seed=0' or None for the defaults)."""
+    """kind: arc | mmlu | gsm8k | jsonl (path required), math (generated: path = 'levels=1-5,n=200,
+    split=heldout,seed=0' or None for the defaults) or compare (generated multiple choice: 'n=200,seed=0')."""
     from . import formats, mathgen
 
     if kind == "math":
         ex = mathgen.make_math_spec(str(path) if path else "")
+    elif kind == "compare":
+        kv = dict(p.split("=", 1) for p in str(path or "").split(",") if "=" in p)
+        ex = mathgen.make_compare(int(kv.get("n", 200)), int(kv.get("seed", 0)))
     elif path is None:
         raise ValueError(f"task {kind!r} needs --data PATH")
     elif kind == "arc":

@@ -78,3 +78,17 @@ def make_math_spec(spec: str) -> list[Example]:
     else:
         levels = tuple(int(x) for x in lv.split("+"))
     return make_math(levels, int(kv.get("n", 100)), kv.get("split", "train"), int(kv.get("seed", 0)))
+
+
+def make_compare(n: int = 200, seed: int = 0) -> list[Example]:
+    """An out-of-domain multiple-choice family (in neither ARC nor the arithmetic problems): pick the
+    largest or the smallest of four numbers. Seeded."""
+    rng = random.Random(f"compare-{seed}")
+    out = []
+    for i in range(n):
+        nums = rng.sample(range(1, 100), 4)
+        largest = rng.random() < 0.5
+        gold = nums.index(max(nums) if largest else min(nums))
+        q = f"Which number is the {'largest' if largest else 'smallest'}?"
+        out.append(Example(f"compare-{seed}-{i}", "compare", q, tuple(str(x) for x in nums), str(gold)))
+    return out
