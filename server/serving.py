@@ -155,7 +155,7 @@ class OpenAIServingCompletion:
                 bad = [t for t in item if not 0 <= t < vocab]
                 if bad:
                     raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
-                ids, text = list(item), self._detok(item)
+                ids, text = list(item), self._detok(item) if request.echo else ""
             if not ids:
                 raise RequestError("the prompt is empty (no tokens)", "prompt")
             out.append(_Prompt(ids, text))
