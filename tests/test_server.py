@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import torch
-import uvicorn
+from live import LiveServer, run_server
 from openai import AsyncOpenAI, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,39 +36,6 @@ LIGHT = [1] * 15 + [0] * 15  # 15 executions
 KEY = "sekret"
 
 
-class LiveServer:
-    """uvicorn in a thread on a free loopback port."""
-
-    def __init__(self, app: object) -> None:
-        self.app = app
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))  # type: ignore[arg-type]
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def start(self, wait_ready: bool = True) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.server.started:
-                if not wait_ready or httpx.get(self.url + "/health").status_code == 200:
-                    return self
-            time.sleep(0.05)
-        raise TimeoutError("server did not become ready")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-
-
-def _run(app: object, wait_ready: bool = True) -> Iterator[LiveServer]:
-    srv = LiveServer(app).start(wait_ready)
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _restore_torch_threads() -> Iterator[None]:
     threads = torch.get_num_threads()  # the engines set the process-wide CPU thread count
@@ -80,13 +46,13 @@ def _restore_torch_threads() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def live(default_model: BaseModel) -> Iterator[LiveServer]:
     s = ServerSettings(routers="none", max_batch_size=8, max_queue=32)
-    yield from _run(build_app(s, Engine(s, model=default_model)))
+    yield from run_server(build_app(s, Engine(s, model=default_model)))
 
 
 @pytest.fixture(scope="module")
 def small(default_model: BaseModel) -> Iterator[LiveServer]:
     s = ServerSettings(routers="none", max_batch_size=1, max_queue=1, api_key=KEY, served_model_name="small")
-    yield from _run(build_app(s, Engine(s, model=default_model)))
+    yield from run_server(build_app(s, Engine(s, model=default_model)))
 
 
 def random_routers(model: BaseModel, seed: int) -> Routers:
@@ -103,7 +69,7 @@ def random_routers(model: BaseModel, seed: int) -> Routers:
 def routed(default_model: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     ck = save_routers(tmp_path_factory.mktemp("routers") / "random", random_routers(default_model, 0), default_model)
     s = ServerSettings(routers=str(ck), max_batch_size=8)
-    yield from _run(build_app(s, Engine(s, model=default_model)))
+    yield from run_server(build_app(s, Engine(s, model=default_model)))
 
 
 class StuckEngine(Engine):
@@ -114,7 +80,7 @@ class StuckEngine(Engine):
 @pytest.fixture(scope="module")
 def stuck() -> Iterator[LiveServer]:
     s = ServerSettings(routers="none")
-    yield from _run(build_app(s, StuckEngine(s)), wait_ready=False)
+    yield from run_server(build_app(s, StuckEngine(s)), wait_ready=False)
 
 
 @pytest.fixture(scope="module")
