@@ -21,6 +21,7 @@ import torch
 from routing.generation import BatchGenerator, GenerationRequest, Sequence, TokenEvent
 from routing.model import BaseModel, load_model
 from routing.planner import FixedPlanner, Planner
+from routing.routers import RouterCheckpointError, RouterPlanner, load_routers
 from routing.sampling import SamplingParams
 
 from .errors import EngineFailure, EngineNotReady, QueueFull
@@ -41,15 +42,6 @@ def make_planner(spec: str, model: BaseModel) -> tuple[Planner, bool]:
     to no routers with a warning; an explicit path that fails raises."""
     if spec == "none":
         return FixedPlanner(), False
-    try:
-        from routing.routers import RouterCheckpointError, RouterPlanner, load_routers
-    except ModuleNotFoundError as e:  # routing.routers not written yet
-        if e.name != "routing.routers":
-            raise
-        if spec == "default":
-            log.warning("routers: routing.routers is not available; serving without routers (full plans)")
-            return FixedPlanner(), False
-        raise ValueError(f"cannot load routers from {spec!r}: routing.routers is not available") from e
     try:
         return RouterPlanner(load_routers(spec, model)), True
     except RouterCheckpointError as e:
@@ -231,15 +223,19 @@ class Engine:
                 log.exception("engine: step failed; failing %d sequences", len(gen.running) + len(gen.waiting))
                 gen = self._reset(gen.planner, e)
                 continue
-            stats = self._dispatch(events, gen)
-            try:
+            stats, deliveries = self._dispatch(events, gen)
+            try:  # record before delivering, so a finished response is already counted in /metrics
                 self.stats.on_step(stats)
             except Exception:  # noqa: BLE001 - metrics must never stop serving
                 log.exception("engine: recording step stats failed")
+            for handle, item in deliveries:
+                handle.push(item)
 
-    def _dispatch(self, events: list[TokenEvent], gen: BatchGenerator) -> StepStats:
+    def _dispatch(self, events: list[TokenEvent], gen: BatchGenerator
+                  ) -> tuple[StepStats, list[tuple[RequestHandle, tuple[int, TokenEvent]]]]:
         now = time.monotonic()
         stats = StepStats(running=len(gen.running), waiting=len(gen.waiting))
+        deliveries: list[tuple[RequestHandle, tuple[int, TokenEvent]]] = []
         with self._lock:
             for ev in events:
                 seq = ev.seq
@@ -257,8 +253,8 @@ class Engine:
                 if ev.finished:
                     del self._tracks[seq.seq_id]
                     stats.finished.append(_choice_stats(seq, now))
-                track.handle.push((track.index, ev))
-        return stats
+                deliveries.append((track.handle, (track.index, ev)))
+        return stats, deliveries
 
     def _reset(self, planner: Planner, error: Exception) -> BatchGenerator:
         """Fail every request in flight and continue with a fresh batch."""

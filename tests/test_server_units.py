@@ -85,11 +85,12 @@ def test_error_mapper(exc: BaseException, status: int) -> None:
 
 def test_router_fallback_only_for_default(monkeypatch, caplog) -> None:
     import routing.routers as routers
+    import server.engine as engine
 
     def refuse(spec: str, model: object) -> None:
         raise routers.RouterCheckpointError(f"no router checkpoint is shipped for {spec}")
 
-    monkeypatch.setattr(routers, "load_routers", refuse)
+    monkeypatch.setattr(engine, "load_routers", refuse)
     planner, has_routers = make_planner("none", None)  # type: ignore[arg-type]
     assert isinstance(planner, FixedPlanner) and not has_routers
     with caplog.at_level(logging.WARNING, logger="server.engine"):
