@@ -62,9 +62,9 @@ class RoutedExecutor:
         return self.spec.n_layers
 
     def _block(self, layer: int, repeat: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               pos: torch.Tensor, rows: torch.Tensor | slice, key_len: int, mask: torch.Tensor | None,
+               pos: torch.Tensor | slice, rows: torch.Tensor | slice, key_len: int, mask: torch.Tensor | None,
                causal: bool) -> torch.Tensor:
-        # h: [b, n, d]; cos, sin: [b, n, D]; pos: [b, n]
+        # h: [b, n, d]; cos, sin: [b, n, D]; pos: [b, n] cache positions, or one slice shared by all rows
         blk = self.model.layers[layer]
         attn = blk.self_attn
         b, n, _ = h.shape
@@ -126,6 +126,7 @@ class RoutedExecutor:
         self.cache.reserve(key_len)
         # rows at one common position need no explicit mask: a causal prefill from 0, or one new token each
         same_start = bool((start_cpu == start_cpu[0]).all())
+        span = slice(int(start_cpu[0]), int(start_cpu[0]) + n) if same_start else None
         causal = same_start and int(start_cpu[0]) == 0 and n > 1
         mask: torch.Tensor | None = None
         if self.attn_impl == "eager" or not (same_start and (causal or n == 1)):
@@ -153,7 +154,7 @@ class RoutedExecutor:
                 if n_sel == b or n == 1:
                     # all rows, or a decode step (memory-bound: running the block for every row costs about
                     # the same as a gather; rows that skip write a slot they never read and keep their h)
-                    out = self._block(layer, repeat, h, cos, sin, pos, row_ref, key_len, mask, causal)
+                    out = self._block(layer, repeat, h, cos, sin, span or pos, row_ref, key_len, mask, causal)
                     if n_sel == b:
                         h = out
                     else:
@@ -163,7 +164,7 @@ class RoutedExecutor:
                     sub_rows = idx if isinstance(row_ref, slice) else row_ref[idx]
                     sub_mask = None if mask is None else mask[idx]
                     h = h.clone()
-                    h[idx] = self._block(layer, repeat, h[idx], cos[idx], sin[idx], pos[idx], sub_rows,
+                    h[idx] = self._block(layer, repeat, h[idx], cos[idx], sin[idx], span or pos[idx], sub_rows,
                                          key_len, sub_mask, causal)
         if all_logits:
             logits = self.model.head(h)

@@ -40,11 +40,16 @@ class SlotKVCache:
                 store[s] = grown
         self.capacity = new
 
-    def write(self, slot: int, rows: torch.Tensor | slice, positions: torch.Tensor,
+    def write(self, slot: int, rows: torch.Tensor | slice, positions: torch.Tensor | slice,
               k: torch.Tensor, v: torch.Tensor) -> None:
-        # rows: [b] or a slice; positions: [b, n]; k, v: [b, H_kv, n, D]
+        # rows: [b] or a slice; positions: [b, n], or one slice when every row writes the same span;
+        # k, v: [b, H_kv, n, D]
         if slot not in self.k:
             self.k[slot], self.v[slot] = self._empty(self.capacity), self._empty(self.capacity)
+        if isinstance(positions, slice):
+            self.k[slot][rows, :, positions] = k
+            self.v[slot][rows, :, positions] = v
+            return
         ridx = torch.arange(rows.start, rows.stop, device=self.device) if isinstance(rows, slice) else rows
         ridx = ridx[:, None]
         self.k[slot][ridx, :, positions] = k.transpose(1, 2)

@@ -53,18 +53,14 @@ class RouterPlanner:
         L = executor.n_layers
         b = tokens.shape[0]
         routed = [r.plan is None and r.routing != "full" for r in requests]
+        routed_mask = torch.tensor(routed)
         fixed = plans_tensor([fixed_plan(r, L) for r in requests])
         layer_logits: list[torch.Tensor] = []
 
         def decide(layer: int, hidden: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                lg = self.routers.layer_logits(layer, hidden, lens).float().cpu()
+            lg = self.routers.layer_logits(layer, hidden, lens).float().cpu()
             layer_logits.append(lg)
-            c = fixed[:, layer].clone()
-            for i in range(b):
-                if routed[i]:
-                    c[i] = int(lg[i].argmax())
-            return c
+            return torch.where(routed_mask, lg.argmax(-1), fixed[:, layer])
 
         start = torch.zeros(b, dtype=torch.long)
         budgeted = any(routed[i] and r.budget is not None for i, r in enumerate(requests))
