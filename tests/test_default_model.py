@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -80,3 +81,35 @@ def test_cli_rejects_a_bad_plan() -> None:
     done = subprocess.run([sys.executable, "-m", "server.cli", "generate", "--prompt", "x", "--plan", "1,1"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "30 layers" in done.stderr
+
+
+def test_cli_generate_with_routers_and_budget(model, tmp_path) -> None:
+    from routing.router_net import RouterConfig, Routers
+    from routing.routers import save_routers
+
+    torch.manual_seed(0)
+    routers = Routers(RouterConfig(n_layers=30, hidden_size=576))
+    with torch.no_grad():
+        for r in routers.layers:
+            r.fc2.weight.zero_()
+            r.fc2.bias.copy_(torch.tensor([0.0, 0.0, 3.0]))  # the routers want every block twice
+    ck = save_routers(tmp_path / "ck", routers, model)
+    cmd = [sys.executable, "-m", "server.cli", "generate", "--prompt", "Hello", "--routers", str(ck),
+           "--max-tokens", "3", "--json"]
+    runs = {}
+    for budget in (None, "0.5", "full"):
+        extra = [] if budget is None else ["--budget", budget]
+        done = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        runs[budget] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert runs[None]["layers_executed"] == 60 and runs[None]["layers_repeated"] == 30
+    assert len(runs[None]["decision_probs"]) == 30
+    assert runs["0.5"]["layers_executed"] == 15
+    assert runs["full"]["plan"] == [1] * 30 and "decision_probs" not in runs["full"]
+
+
+def test_cli_default_routers_missing_is_a_clear_error(tmp_path) -> None:
+    env = {**os.environ, "DRLLM_ROUTERS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "server.cli", "generate", "--prompt", "x", "--routers", "default"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2 and "no router checkpoint is shipped" in done.stderr
