@@ -36,6 +36,12 @@ def load_sources(sources: list[tuple[str, str]], limit: int | None):  # -> list[
     return ex
 
 
+def example_seed(seed: int, task: str, eid: str) -> int:
+    import hashlib
+
+    return int(hashlib.sha256(f"{seed}/{task}/{eid}".encode()).hexdigest()[:8], 16)
+
+
 def _setup(args: argparse.Namespace):  # -> BaseModel
     import torch
 
@@ -70,8 +76,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
-    if out.exists():
-        for line in out.read_text().splitlines():
+    for prev in [out, *map(Path, args.done or [])]:
+        if not prev.exists():
+            continue
+        for line in prev.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
                 done.add((r["task"], r["id"]))
@@ -79,7 +87,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     model = _setup(args)
     L = model.spec.n_layers
     cfg = SearchConfig(simulations=args.simulations, c_explore=args.c_explore, length_penalty=args.length_penalty,
-                       soft_weight=args.soft_weight, widen=args.widen, batch=args.batch, stop_saved=args.stop_saved,
+                       soft_weight=args.soft_weight, widen=args.widen, rollout=args.rollout, batch=args.batch, stop_saved=args.stop_saved,
                        stop_on_fix=not args.no_stop_on_fix, reuse=not args.no_reuse, seed=args.seed)
     executor = RoutedExecutor(model, max_batch=args.batch, capacity=1024)
     stops = stop_ids(model.tokenizer, model.eos_token_ids)
@@ -89,6 +97,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     with open(out, "a") as f:
         for e in bar:
             enc = encode(e, model.tokenizer, args.prompt_format)
+            cfg.seed = example_seed(args.seed, e.task, e.id)  # each example explores its own edit order
             # --ab-reuse: search each example with and without prefix reuse, alternating which goes first,
             # so that machine load hits both alike (the targets must agree)
             flags = [cfg.reuse] if not args.ab_reuse else [True, False] if bar.n % 2 == 0 else [False, True]
@@ -200,7 +209,26 @@ def _cmd_search_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report_merge(args: argparse.Namespace) -> int:
+    from .evaluate import write_report
+
+    tasks, metas = [], []
+    for d in args.reports:
+        rep = json.loads((Path(d) / "report.json").read_text())
+        tasks += rep["tasks"]
+        metas.append(rep["meta"])
+    meta = {**metas[0], "argv": [m.get("argv") for m in metas], "merged_from": args.reports,
+            "data": [x for m in metas for x in m.get("data", [])]}
+    write_report(Path(args.out), tasks, meta)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report-merge", help="merge eval report directories (e.g. of parallel runs) into one")
+    p.add_argument("reports", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_report_merge)
+
     p = sub.add_parser("search-summary", help="compare search JSONL files on their common examples")
     p.add_argument("files", nargs="+")
     p.add_argument("--layers", type=int, default=30)
@@ -214,6 +242,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="examples per source")
     p.add_argument("--out", required=True, help="JSONL output (appended; finished examples are skipped)")
     p.add_argument("--shard", default="0/1", help="i/n: this process searches examples i, i+n, ...")
+    p.add_argument("--done", action="append", help="another JSONL whose examples count as finished")
     p.add_argument("--max-examples", type=int, default=None, help="stop after this many examples")
     p.add_argument("--ids-from", default=None,
                    help="search only the examples of this search JSONL, in its order (to compare methods)")
@@ -223,7 +252,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--c-explore", type=float, default=1.8)
     p.add_argument("--length-penalty", type=float, default=0.5)
     p.add_argument("--soft-weight", type=float, default=0.25)
-    p.add_argument("--widen", type=float, default=2.0)
+    p.add_argument("--widen", type=float, default=0.5)
+    p.add_argument("--rollout", type=int, default=6, help="random edits after a new node before scoring")
     p.add_argument("--batch", type=int, default=8, help="plans scored per forward")
     p.add_argument("--stop-saved", type=int, default=4)
     p.add_argument("--no-stop-on-fix", action="store_true")

@@ -30,7 +30,8 @@ class SearchConfig:
     c_explore: float = 1.8  # UCT exploration constant
     length_penalty: float = 0.5  # reward = correct + soft_weight * soft - length_penalty * executions / L
     soft_weight: float = 0.25
-    widen: float = 2.0  # a node may have ceil(widen * sqrt(visits)) children
+    widen: float = 0.5  # a node may have ceil(widen * sqrt(visits)) children
+    rollout: int = 6  # a simulation scores its new node's plan after 0..rollout further random edits
     batch: int = 8  # plans scored per forward
     stop_saved: int = 4  # early stop: a correct plan saving this many executions
     stop_on_fix: bool = True  # early stop: a correct plan for an example the full model gets wrong
@@ -200,6 +201,19 @@ class MCTS(_Search):
         self.rng.shuffle(acts)
         return Node(plan, parent, acts)
 
+    def _rollout(self, plan: Plan) -> Plan:
+        """Default policy: 0..rollout random edits past the new node (not yet scored plans preferred)."""
+        for _ in range(5):
+            p = plan
+            for _ in range(self.rng.randint(0, self.cfg.rollout)):
+                acts = actions(p)
+                if not acts:
+                    break
+                p = apply_action(p, self.rng.choice(acts))
+            if p not in self.ev.results:
+                return p
+        return plan
+
     def _select(self, root: Node) -> Node | None:
         node = root
         while True:
@@ -227,8 +241,9 @@ class MCTS(_Search):
             leaves = [n for n in (self._select(root) for _ in range(k)) if n is not None]
             if not leaves:
                 break
-            for leaf, o in zip(leaves, self.ev.evaluate([n.plan for n in leaves]), strict=True):
-                r = self.reward(leaf.plan, o)
+            scored = [self._rollout(n.plan) for n in leaves]
+            for leaf, plan, o in zip(leaves, scored, self.ev.evaluate(scored), strict=True):
+                r = self.reward(plan, o)
                 n: Node | None = leaf
                 while n is not None:
                     n.total += r
