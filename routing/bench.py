@@ -105,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     ids = model.tokenizer(PROMPT)["input_ids"]
     plans = {"full": LayerPlan.full(L), f"{round(L * 0.8)}/{L}": spread_plan(L, round(L * 0.8)),
              f"{round(L * 0.6)}/{L}": spread_plan(L, round(L * 0.6))}
+    # the LM head's cost does not shrink with skipped blocks: 'ideal+head' counts its weights too
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    head = model.hf.lm_head.weight.numel()
     print(f"model {model.name} ({L} layers) on {model.device}, {model.dtype}; torch threads "
           f"{torch.get_num_threads()}; prompt {len(ids)} tokens; {args.new_tokens} new tokens; "
           f"median of {args.rounds} interleaved rounds")
@@ -119,14 +122,15 @@ def run(args: argparse.Namespace) -> int:
         med = {k: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v)) for k, v in res.items()}
         print(f"\nbatch {batch}")
         print(f"{'config':<22}{'executions':>11}{'prefill ms':>12}{'decode tok/s':>14}{'vs transformers':>17}"
-              f"{'vs full':>9}{'ideal':>7}")
+              f"{'vs full':>9}{'ideal':>7}{'ideal+head':>12}")
         hf_tps = med["transformers"][1]
         print(f"{'transformers generate':<22}{L:>11}{med['transformers'][0] * 1e3:>12.1f}{hf_tps:>14.1f}"
               f"{1.0:>17.2f}")
         for name, plan in plans.items():
             p, d = med[name]
             print(f"{'executor ' + name:<22}{plan.executions:>11}{p * 1e3:>12.1f}{d:>14.1f}{d / hf_tps:>17.2f}"
-                  f"{d / med['full'][1]:>9.2f}{L / plan.executions:>7.2f}")
+                  f"{d / med['full'][1]:>9.2f}{L / plan.executions:>7.2f}"
+                  f"{(L * block + head) / (plan.executions * block + head):>12.2f}")
     plain, routed, inside = router_overhead(model, ids, args.rounds * 3)
     print(f"\nrouter overhead at prefill ({len(ids)} tokens): {inside * 1e3:.2f} ms inside the 30 routers = "
           f"{100 * inside / plain:.2f}% of a {plain * 1e3:.1f} ms prefill (end-to-end routed/plain prefill "
