@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import tiny_model
+from tiny import random_routers, tiny_model
 
 from routing.executor import RoutedExecutor
 from routing.generation import BatchGenerator, GenerationRequest
@@ -78,15 +78,6 @@ def test_router_one_sees_the_state_after_router_zero_decided() -> None:
     emb = model.embed(tokens)
     torch.testing.assert_close(seen[0], emb)  # skip: router 1 sees the embeddings
     assert not torch.allclose(seen[1], emb)  # execute: it sees block 0's output
-
-
-def random_routers(model, seed: int) -> Routers:
-    torch.manual_seed(seed)
-    r = Routers(RouterConfig(n_layers=model.spec.n_layers, hidden_size=model.spec.hidden_size))
-    with torch.no_grad():
-        for layer in r.layers:
-            layer.fc2.weight.mul_(40)  # decisive random routers: skips and repeats both occur
-    return r.eval()
 
 
 def routed_generate(model, routers, prompts, budgets, no_cache=False, max_batch=None):

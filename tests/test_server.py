@@ -18,9 +18,9 @@ import torch
 from live import LiveServer, run_server
 from openai import AsyncOpenAI, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
+from tiny import random_routers
 
 from routing.model import BaseModel
-from routing.router_net import RouterConfig, Routers
 from routing.routers import save_routers
 from server.app import build_app, serve
 from server.engine import Engine
@@ -53,16 +53,6 @@ def live(default_model: BaseModel) -> Iterator[LiveServer]:
 def small(default_model: BaseModel) -> Iterator[LiveServer]:
     s = ServerSettings(routers="none", max_batch_size=1, max_queue=1, api_key=KEY, served_model_name="small")
     yield from run_server(build_app(s, Engine(s, model=default_model)))
-
-
-def random_routers(model: BaseModel, seed: int) -> Routers:
-    """Decisive random routers: their plans both skip and repeat."""
-    torch.manual_seed(seed)
-    r = Routers(RouterConfig(n_layers=model.spec.n_layers, hidden_size=model.spec.hidden_size))
-    with torch.no_grad():
-        for layer in r.layers:
-            layer.fc2.weight.mul_(40)
-    return r.eval()
 
 
 @pytest.fixture(scope="module")

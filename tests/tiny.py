@@ -17,6 +17,7 @@ from transformers import (
 
 from routing.model import BaseModel, wrap_model
 from routing.plan import LayerPlan
+from routing.router_net import RouterConfig, Routers
 
 ARCHS = ("llama", "qwen2", "qwen3")
 _COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
@@ -57,3 +58,13 @@ def reference_logits(model: BaseModel, plan: LayerPlan, tokens: torch.Tensor) ->
     hf.model = inner
     with torch.inference_mode():
         return hf(tokens, use_cache=False).logits
+
+
+def random_routers(model: BaseModel, seed: int) -> Routers:
+    """Decisive random routers: their plans both skip and repeat."""
+    torch.manual_seed(seed)
+    r = Routers(RouterConfig(n_layers=model.spec.n_layers, hidden_size=model.spec.hidden_size))
+    with torch.no_grad():
+        for layer in r.layers:
+            layer.fc2.weight.mul_(40)
+    return r.eval()
