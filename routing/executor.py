@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from .kv_cache import SlotKVCache, slot_of
 from .model import BaseModel
 
-# decide(layer, hidden [b, n, d], lengths [b]) -> counts [b] (CPU long) for that layer
+# decide(layer, hidden [b, n, d], lengths [b]) -> counts [b] (CPU long) for that layer. The callback may
+# also overwrite rows of `hidden` in place: the search injects memoized prefix states that way.
 Decide = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
