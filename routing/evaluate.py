@@ -11,24 +11,17 @@ from pathlib import Path
 
 import torch
 
-from .executor import RoutedExecutor
+from .executor import RoutedExecutor, pad_right
 from .generation import BatchGenerator, GenerationRequest
 from .model import BaseModel
 from .plan import LayerPlan
-from .routers import Routers, apply_budget
+from .planner import PlanRequest
+from .routers import RouterPlanner, Routers, apply_budget
 from .sampling import SamplingParams
 from .tasks.base import Example
 from .tasks.scoring import Encoded, encode, extract_number, judge, same_number
 
 Plan = tuple[int, ...]
-
-
-def _pad(seqs: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(s) for s in seqs)
-    tokens = torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = torch.tensor(s)
-    return tokens, torch.tensor([len(s) for s in seqs])
 
 
 class Scorer:
@@ -45,7 +38,7 @@ class Scorer:
         short = [i for i, e in enumerate(exs) if not e.is_mc]
         for k in range(0, len(mc), self.batch):
             idx = mc[k:k + self.batch]
-            tokens, lengths = _pad([encs[i].ids for i in idx])
+            tokens, lengths = pad_right([encs[i].ids for i in idx])
             res = self.executor.forward(tokens, torch.zeros(len(idx), dtype=torch.long),
                                         plans=torch.tensor([plans[i] for i in idx]), lengths=lengths)
             for j, i in enumerate(idx):
@@ -63,28 +56,21 @@ class Scorer:
     @torch.inference_mode()
     def route(self, routers: Routers, encs: list[Encoded]) -> tuple[list[Plan], list[list[list[float]]],
                                                                     list[bool | None]]:
-        """Routers decide each prompt's plan during its prefill (as RouterPlanner does) -> (plans, per-layer
-        decision logits [L][3]); budgets are applied afterwards with `apply_budget`."""
+        """Routers decide each prompt's plan during its prefill (RouterPlanner) -> (plans, per-layer decision
+        logits [L][3], correctness of multiple-choice answers); budgets are applied afterwards with
+        `apply_budget`."""
         plans: list[Plan] = []
         logits: list[list[list[float]]] = []
         correct: list[bool | None] = []
+        planner = RouterPlanner(routers)
         for k in range(0, len(encs), self.batch):
             chunk = encs[k:k + self.batch]
-            tokens, lengths = _pad([e.ids[:e.prompt_len] for e in chunk])
-            layer_logits: list[torch.Tensor] = []
-
-            def decide(layer: int, h: torch.Tensor, lens: torch.Tensor,
-                       acc: list[torch.Tensor] = layer_logits) -> torch.Tensor:
-                lg = routers.layer_logits(layer, h, lens).float().cpu()
-                acc.append(lg)
-                return lg.argmax(-1)
-
-            res = self.executor.forward(tokens, torch.zeros(len(chunk), dtype=torch.long), lengths=lengths,
-                                        decide=decide)
-            stacked = torch.stack(layer_logits, 1)  # [b, L, 3]
-            for j in range(len(chunk)):
-                plans.append(tuple(int(c) for c in res.counts[j]))
-                logits.append(stacked[j].tolist())
+            tokens, lengths = pad_right([e.ids[:e.prompt_len] for e in chunk])
+            b = len(chunk)
+            res = planner.prefill(self.executor, tokens, torch.arange(b), lengths, [PlanRequest()] * b)
+            for j in range(b):
+                plans.append(res.plans[j].counts)
+                logits.append(res.decision_logits[j])  # type: ignore[arg-type]
                 correct.append(judge(chunk[j], res.logits[j])[0] if chunk[j].is_mc else None)
         return plans, logits, correct
 
@@ -98,7 +84,7 @@ class Scorer:
         count = 0
         for k in range(0, len(encs), self.batch):
             chunk = encs[k:k + self.batch]
-            tokens, lengths = _pad([e.ids[:e.prompt_len] for e in chunk])
+            tokens, lengths = pad_right([e.ids[:e.prompt_len] for e in chunk])
             b = len(chunk)
             res = self.executor.forward(tokens, torch.zeros(b, dtype=torch.long), plans=torch.ones(b, self.L,
                                         dtype=torch.long), lengths=lengths, capture=True, all_logits=False)

@@ -8,7 +8,7 @@ the executor never imports them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,13 @@ class ForwardOutput:
     logits: torch.Tensor  # [b, vocab] (last valid token) or [b, n, vocab]
     counts: torch.Tensor  # [b, L] CPU long: the plan each row ran
     entering: list[torch.Tensor] | None = None  # with capture: hidden state entering each block, [b, n, d]
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> (tokens [b, n] right-padded, lengths [b]) for `forward`."""
+    n = max(len(r) for r in rows)
+    tokens = torch.tensor([list(r) + [pad] * (n - len(r)) for r in rows], dtype=torch.long)
+    return tokens, torch.tensor([len(r) for r in rows])
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .executor import RoutedExecutor
+from .executor import RoutedExecutor, pad_right
 from .model import BaseModel
 from .plan import LayerPlan
 from .planner import FixedPlanner, Planner, PlanRequest, plans_tensor
@@ -160,8 +160,7 @@ class BatchGenerator:
         base = len(self.running)
         for i, s in enumerate(seqs):
             s.row, s.t_admit = base + i, time.monotonic()
-        lengths = torch.tensor([len(s.request.prompt_ids) for s in seqs])
-        tokens = _pad([s.request.prompt_ids for s in seqs])
+        tokens, lengths = pad_right([s.request.prompt_ids for s in seqs])
         rows = torch.arange(base, base + len(seqs))
         want_all = any(s.request.prompt_logprobs for s in seqs)
         reqs = [PlanRequest(s.request.plan, s.request.routing, s.request.budget) for s in seqs]
@@ -186,9 +185,9 @@ class BatchGenerator:
         seqs = self.running
         plans = plans_tensor([s.plan for s in seqs])  # type: ignore[misc]
         if self.no_cache:  # reference path: recompute every row's whole sequence along its plan
-            full = [s.request.prompt_ids + s.generated for s in seqs]
-            out = self.executor.forward(_pad(full), torch.zeros(len(seqs), dtype=torch.long), plans=plans,
-                                        lengths=torch.tensor([len(t) for t in full]))
+            tokens, lengths = pad_right([s.request.prompt_ids + s.generated for s in seqs])
+            out = self.executor.forward(tokens, torch.zeros(len(seqs), dtype=torch.long), plans=plans,
+                                        lengths=lengths)
         else:
             tokens = torch.tensor([[s.generated[-1]] for s in seqs])
             start = torch.tensor([s.length - 1 for s in seqs])
@@ -242,11 +241,6 @@ class BatchGenerator:
             return ""
         delta, s.emitted = s.text[s.emitted:end], end
         return delta
-
-
-def _pad(rows: list[list[int]], pad: int = 0) -> torch.Tensor:
-    n = max(len(r) for r in rows)
-    return torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.long)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
