@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from routing.sampling import SamplingParams
 
@@ -104,18 +104,11 @@ class CompletionRequest(OpenAIBaseModel):
             raise ValueError("best_of other than 1 is not supported")
         return v
 
-    @field_validator("suffix")
+    @field_validator("suffix", "logit_bias")
     @classmethod
-    def _suffix(cls, v: str | None) -> str | None:
+    def _unsupported(cls, v: object, info: ValidationInfo) -> object:
         if v:
-            raise ValueError("suffix is not supported")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported")
+            raise ValueError(f"{info.field_name} is not supported")
         return v
 
     @field_validator("presence_penalty", "frequency_penalty")
