@@ -281,7 +281,7 @@ def _set_cpu_threads(n: int | None) -> None:
 def _choice_stats(seq: Sequence, now: float) -> ChoiceStats:
     return ChoiceStats(
         finish_reason=seq.finish_reason or "abort",
-        plan=seq.plan.counts if seq.plan is not None else None,
+        plan=seq.plan,
         budget=seq.request.budget,
         e2e_s=now - seq.t_submit,
         queue_s=None if seq.t_admit is None else seq.t_admit - seq.t_submit,

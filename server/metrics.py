@@ -108,10 +108,10 @@ class Metrics:
         if c.plan is None or self._layer_hists is None:
             return
         executed, skipped, repeated = self._layer_hists
-        executed.labels(model).observe(sum(c.plan))
-        skipped.labels(model).observe(sum(1 for x in c.plan if x == 0))
-        repeated.labels(model).observe(sum(1 for x in c.plan if x == 2))
-        for layer, count in enumerate(c.plan):
+        executed.labels(model).observe(c.plan.executions)
+        skipped.labels(model).observe(c.plan.skipped)
+        repeated.labels(model).observe(c.plan.repeated)
+        for layer, count in enumerate(c.plan.counts):
             self.decisions.labels(model, str(layer), DECISIONS[count]).inc()
 
     # --- HTTP side (event loop) ------------------------------------------------------------------

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from routing.plan import LayerPlan
+
 
 @dataclass
 class ChoiceStats:
     """One finished sequence (one choice of one request)."""
 
     finish_reason: str  # stop | length | abort
-    plan: tuple[int, ...] | None  # per-layer counts; None when aborted before its prefill
+    plan: LayerPlan | None  # None when aborted before its prefill
     budget: float | None
     e2e_s: float  # submit -> finish
     queue_s: float | None  # submit -> admission (None: never admitted)
