@@ -102,7 +102,7 @@ def build_parser(extra: Callable[[argparse._SubParsersAction], None] | None = No
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_generate)
 
-    from .bench import register as register_bench
+    from .offline.bench import register as register_bench
 
     register_bench(sub)
     for register in _registered:
@@ -127,6 +127,6 @@ def main(argv: list[str] | None = None,
         print(f"drllm: error: {e}", file=sys.stderr)
         return 2
 
-from .pipeline_cli import register as _register_pipeline  # noqa: E402
+from .offline.pipeline_cli import register as _register_pipeline  # noqa: E402
 
 _registered.append(_register_pipeline)

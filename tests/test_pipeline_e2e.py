@@ -8,15 +8,15 @@ from pathlib import Path
 from toytok import toy_model
 
 from routing.cli import build_parser
-from routing.evaluate import evaluate_task, random_plan, static_plan, write_report
 from routing.executor import RoutedExecutor
+from routing.offline.evaluate import evaluate_task, random_plan, static_plan, write_report
+from routing.offline.search import SearchConfig, search_example
+from routing.offline.tasks import make_math
+from routing.offline.tasks.base import Example
+from routing.offline.tasks.scoring import encode, stop_ids
+from routing.offline.train import TrainConfig, precompute, train_routers
 from routing.router_net import RouterConfig
 from routing.routers import load_routers, save_routers
-from routing.search import SearchConfig, search_example
-from routing.tasks import make_math
-from routing.tasks.base import Example
-from routing.tasks.scoring import encode, stop_ids
-from routing.train import TrainConfig, precompute, train_routers
 
 
 def test_search_train_eval_end_to_end(tmp_path: Path) -> None:

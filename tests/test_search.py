@@ -7,9 +7,9 @@ import torch
 from toytok import toy_model
 
 from routing.executor import RoutedExecutor
-from routing.search import MCTS, PlanEvaluator, SearchConfig, actions, apply_action, search_example
-from routing.tasks.base import Example
-from routing.tasks.scoring import encode
+from routing.offline.search import MCTS, PlanEvaluator, SearchConfig, actions, apply_action, search_example
+from routing.offline.tasks.base import Example
+from routing.offline.tasks.scoring import encode
 
 
 @pytest.fixture(scope="module")

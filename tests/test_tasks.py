@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from routing.tasks import load_task, make_math
-from routing.tasks.base import Example, label_index
-from routing.tasks.scoring import Encoded, extract_number, judge, same_number
+from routing.offline.tasks import load_task, make_math
+from routing.offline.tasks.base import Example, label_index
+from routing.offline.tasks.scoring import Encoded, extract_number, judge, same_number
 
 ARC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "arc"
 

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from routing.router_net import RouterConfig
-from routing.train import (
+from routing.offline.train import (
     Features,
     TrainConfig,
     class_metrics,
@@ -17,6 +16,7 @@ from routing.train import (
     split_indices,
     train_routers,
 )
+from routing.router_net import RouterConfig
 
 
 def test_focal_loss_hand_computed() -> None:

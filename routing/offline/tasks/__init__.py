@@ -1,5 +1,5 @@
 """Tasks: examples with a prompt and a verifiable answer, loaders for the formats users bring, and a
-seeded arithmetic generator (math levels 1-5). Scoring lives in `routing.tasks.scoring`."""
+seeded arithmetic generator (math levels 1-5). Scoring lives in `routing.offline.tasks.scoring`."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .executor import RoutedExecutor
+from ..executor import RoutedExecutor
 from .tasks.scoring import Encoded, judge
 
 Plan = tuple[int, ...]

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from .executor import RoutedExecutor, pad_right
-from .generation import BatchGenerator, GenerationRequest
-from .model import BaseModel
-from .plan import LayerPlan
-from .planner import PlanRequest
-from .routers import RouterPlanner, Routers, apply_budget
-from .sampling import SamplingParams
+from ..executor import RoutedExecutor, pad_right
+from ..generation import BatchGenerator, GenerationRequest
+from ..model import BaseModel
+from ..plan import LayerPlan
+from ..planner import PlanRequest
+from ..routers import RouterPlanner, Routers, apply_budget
+from ..sampling import SamplingParams
 from .tasks.base import Example
 from .tasks.scoring import Encoded, encode, extract_number, judge, same_number
 

@@ -8,7 +8,7 @@ import random
 import sys
 from pathlib import Path
 
-from .cli import add_model_args
+from ..cli import add_model_args
 
 
 def parse_sources(specs: list[str], default_kind: str | None, limit: int | None) -> list[tuple[str, str]]:
@@ -45,7 +45,7 @@ def example_seed(seed: int, task: str, eid: str) -> int:
 def _setup(args: argparse.Namespace):  # -> BaseModel
     import torch
 
-    from .model import load_model
+    from ..model import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,7 +56,7 @@ def _setup(args: argparse.Namespace):  # -> BaseModel
 def _cmd_search(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .executor import RoutedExecutor
+    from ..executor import RoutedExecutor
     from .search import SearchConfig, search_example
     from .tasks.scoring import encode, stop_ids
 
@@ -130,8 +130,8 @@ def _provenance(paths: list[str]) -> list[dict[str, str]]:
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .router_net import RouterConfig
-    from .routers import save_routers
+    from ..router_net import RouterConfig
+    from ..routers import save_routers
     from .tasks.scoring import encode
     from .train import TrainConfig, precompute, train_routers
 
@@ -176,8 +176,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..routers import load_routers
     from .evaluate import evaluate_task, write_report
-    from .routers import load_routers
 
     budgets = [None if b in ("none", "full") else float(b) for b in (args.budget or ["none"])]
     model = _setup(args)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .executor import RoutedExecutor
-from .model import BaseModel
-from .router_net import RouterConfig, Routers, window_pool
+from ..executor import RoutedExecutor
+from ..model import BaseModel
+from ..router_net import RouterConfig, Routers, window_pool
 
 
 def effective_number_weights(counts: torch.Tensor, beta: float = 0.999) -> torch.Tensor:

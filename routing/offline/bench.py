@@ -13,13 +13,13 @@ from collections.abc import Callable
 
 import torch
 
-from .generation import BatchGenerator, GenerationRequest
-from .model import BaseModel, load_model
-from .plan import LayerPlan
-from .planner import FixedPlanner, PlanRequest
-from .router_net import RouterConfig, Routers
-from .routers import RouterPlanner
-from .sampling import SamplingParams
+from ..generation import BatchGenerator, GenerationRequest
+from ..model import BaseModel, load_model
+from ..plan import LayerPlan
+from ..planner import FixedPlanner, PlanRequest
+from ..router_net import RouterConfig, Routers
+from ..routers import RouterPlanner
+from ..sampling import SamplingParams
 
 PROMPT = ("Question: A student mixes baking soda and vinegar in a cup and sees bubbles. Which statement best "
           "describes what happened? Choices: A) a physical change B) a chemical reaction C) evaporation D) "
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .cli import add_model_args
+    from ..cli import add_model_args
 
     p = sub.add_parser("bench", help="benchmark the executor against transformers and routed plans")
     add_model_args(p)
