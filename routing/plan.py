@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,15 @@ def _as_int(c: object) -> object:
         return operator.index(c)  # type: ignore[arg-type]
     except TypeError:
         return c
+
+
+def execution_cap(budget: float, n_layers: int) -> int:
+    """The most block executions a `budget` allows: max(1, floor(budget * L)), budget in (0, 2].
+
+    Raises ValueError for a budget outside (0, 2] (2 = every block repeated)."""
+    if not 0 < budget <= 2:
+        raise ValueError("budget must be in (0, 2]")
+    return max(1, math.floor(budget * n_layers + 1e-9))
 
 
 def plan_summary(plan: LayerPlan) -> dict[str, object]:

@@ -6,13 +6,11 @@ the path already decided for blocks < l. The plan is then fixed for the whole ge
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .checkpoint import RouterCheckpointError, load_routers, save_routers
 from .executor import RoutedExecutor
-from .plan import LayerPlan
+from .plan import LayerPlan, execution_cap
 from .planner import PlanRequest, PrefillResult, fixed_plan, plans_tensor
 from .router_net import RouterConfig, Routers
 
@@ -29,9 +27,7 @@ def apply_budget(counts: list[int], logits: list[list[float]], budget: float | N
     demotion sequence, so it never yields more executions."""
     if budget is None:
         return list(counts)
-    if not 0 < budget <= 2:
-        raise ValueError("budget must be in (0, 2]")
-    cap = max(1, math.floor(budget * len(counts) + 1e-9))
+    cap = execution_cap(budget, len(counts))
     out = list(counts)
     total = sum(out)
     while total > cap:
