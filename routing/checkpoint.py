@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .model import BaseModel
 from .paths import routers_dir
+from .policy import RoutingPolicy
 from .router_net import RouterConfig, Routers
 
 FORMAT_VERSION = 1
@@ -45,7 +46,9 @@ def _sha256(path: Path) -> str:
 
 def save_routers(directory: str | Path, routers: Routers, model: BaseModel,
                  training: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None,
-                 default: bool = False) -> Path:
+                 default: bool = False, policy: dict[str, Any] | None = None) -> Path:
+    """Write `routers` for `model` into `directory`. policy: the routing policy (guard thresholds, budget
+    rule; see `routing.routers.RoutingPolicy.to_dict`) stored in router.json; None keeps argmax routing."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in routers.state_dict().items()}
@@ -57,11 +60,20 @@ def save_routers(directory: str | Path, routers: Routers, model: BaseModel,
         "base_model": base_identity(model),
         "tensors_sha256": _sha256(d / TENSORS),
         "default": default,
+        "policy": policy or {},
         "training": training or {},
         "evaluation": evaluation or {},
     }
     (d / META).write_text(json.dumps(meta, indent=2) + "\n")
     return d
+
+
+def update_meta(directory: Path, **fields: Any) -> None:
+    """Set top-level fields of a checkpoint's router.json (e.g. the calibrated `policy`); the tensors and
+    their sha256 are untouched. Raises RouterCheckpointError for a missing or corrupted router.json."""
+    meta = read_meta(directory)
+    meta.update(fields)
+    (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
@@ -132,4 +144,8 @@ def load_routers(spec: str | Path, model: BaseModel) -> Routers:
         routers.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise RouterCheckpointError(f"{tensors} does not fit the router configuration: {e}") from e
+    try:
+        routers.policy = RoutingPolicy.from_dict(meta.get("policy"))
+    except (TypeError, ValueError) as e:
+        raise RouterCheckpointError(f"{d / META}: invalid routing policy: {e}") from e
     return routers.to(model.device).eval().requires_grad_(False)

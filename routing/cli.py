@@ -130,3 +130,7 @@ def main(argv: list[str] | None = None,
 from .offline.pipeline_cli import register as _register_pipeline  # noqa: E402
 
 _registered.append(_register_pipeline)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

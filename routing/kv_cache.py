@@ -68,6 +68,15 @@ class SlotKVCache:
             for t in store.values():
                 t[dst] = t[src]
 
+    @torch.inference_mode()
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy rows src[i] into rows dst[i] (src, dst: [k] long) in every slot, one indexed copy per slot
+        (the offline scorer shares one prompt prefill among several continuations this way)."""
+        src, dst = src.to(self.device), dst.to(self.device)
+        for store in (self.k, self.v):
+            for t in store.values():
+                t[dst] = t[src]
+
     def clear(self) -> None:
         self.k.clear()
         self.v.clear()

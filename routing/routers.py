@@ -10,39 +10,22 @@ import torch
 
 from .checkpoint import RouterCheckpointError, load_routers, save_routers
 from .executor import RoutedExecutor
-from .plan import LayerPlan, execution_cap
+from .plan import LayerPlan
 from .planner import PlanRequest, PrefillResult, fixed_plan, plans_tensor
+from .policy import RoutingPolicy, apply_budget, apply_budget_static
 from .router_net import RouterConfig, Routers
 
-__all__ = ["RouterCheckpointError", "RouterConfig", "RouterPlanner", "Routers", "apply_budget", "load_routers",
-           "save_routers"]
-
-
-def apply_budget(counts: list[int], logits: list[list[float]], budget: float | None) -> list[int]:
-    """Cap a routed plan at max(1, floor(budget * L)) executions.
-
-    Policy: while over the cap, demote the decision the routers are least sure of (the smallest margin
-    between the logit of its current count and the next lower count: repeat -> execute -> skip), ties to
-    the lower layer. A plan that fits is returned unchanged, and a smaller budget continues the same
-    demotion sequence, so it never yields more executions."""
-    if budget is None:
-        return list(counts)
-    cap = execution_cap(budget, len(counts))
-    out = list(counts)
-    total = sum(out)
-    while total > cap:
-        best = min((lg[c] - lg[c - 1], i) for i, (c, lg) in enumerate(zip(out, logits, strict=True)) if c > 0)
-        out[best[1]] -= 1
-        total -= 1
-    return out
+__all__ = ["RouterCheckpointError", "RouterConfig", "RouterPlanner", "Routers", "RoutingPolicy", "apply_budget",
+           "apply_budget_static", "load_routers", "save_routers"]
 
 
 class RouterPlanner:
     """Decides each routed row's plan during its prefill; rows with fixed plans or routing="full" ride
     along in the same batch. Over-budget rows are re-run from their first demoted layer."""
 
-    def __init__(self, routers: Routers) -> None:
+    def __init__(self, routers: Routers, policy: RoutingPolicy | None = None) -> None:
         self.routers = routers
+        self.policy = policy or getattr(routers, "policy", None) or RoutingPolicy()
 
     def prefill(self, executor: RoutedExecutor, tokens: torch.Tensor, rows: torch.Tensor,
                 lengths: torch.Tensor, requests: list[PlanRequest], all_logits: bool = False) -> PrefillResult:
@@ -56,7 +39,7 @@ class RouterPlanner:
         def decide(layer: int, hidden: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
             lg = self.routers.layer_logits(layer, hidden, lens).float().cpu()
             layer_logits.append(lg)
-            return torch.where(routed_mask, lg.argmax(-1), fixed[:, layer])
+            return torch.where(routed_mask, self.policy.decide(lg), fixed[:, layer])
 
         start = torch.zeros(b, dtype=torch.long)
         budgeted = any(routed[i] and r.budget is not None for i, r in enumerate(requests))
@@ -67,7 +50,7 @@ class RouterPlanner:
         rerun: list[int] = []
         for i, req in enumerate(requests):
             if routed[i] and req.budget is not None:
-                capped = apply_budget(counts[i].tolist(), logits_by_row[i].tolist(), req.budget)
+                capped = self.policy.apply_budget(counts[i].tolist(), logits_by_row[i].tolist(), req.budget)
                 if capped != counts[i].tolist():
                     counts[i] = torch.tensor(capped)
                     rerun.append(i)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
-from live import run_server
 
 from routing.model import BaseModel, load_model
+
+DEVICE = os.environ.get("DRLLM_TEST_DEVICE", "cpu")  # e.g. cuda, for the model-side tests on a GPU
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return DEVICE
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +27,8 @@ def default_model() -> BaseModel:
 @pytest.fixture(scope="session")
 def server_url(default_model: BaseModel) -> Iterator[str]:
     """Base URL of a running drllm server on the default model (no routers), for the deployment checks."""
+    from live import run_server  # httpx/uvicorn: only the server tests need them
+
     from server.app import build_app
     from server.engine import Engine
     from server.settings import ServerSettings

@@ -1,4 +1,5 @@
-"""The plan search on a tiny random model: prefix reuse is exact, and MCTS finds a planted better plan."""
+"""The plan search on a tiny random model: MCTS finds a planted better plan, the tree branches, searches of
+many examples in lockstep equal searching each alone, and the chain baseline stays within its budget."""
 
 from __future__ import annotations
 
@@ -6,30 +7,33 @@ import pytest
 import torch
 from toytok import toy_model
 
-from routing.executor import RoutedExecutor
-from routing.offline.search import MCTS, PlanEvaluator, SearchConfig, actions, apply_action, search_example
+from routing.offline.plan_scoring import PlanScorer
+from routing.offline.search import MCTS, SearchConfig, actions, apply_action, search_example, search_many
 from routing.offline.tasks.base import Example
-from routing.offline.tasks.scoring import encode
+from routing.offline.tasks.scoring import Criteria, encode, is_correct
 
 
 @pytest.fixture(scope="module")
-def model():
-    return toy_model(seed=1)
+def model(device):
+    m = toy_model(seed=1)
+    m.hf.to(device)
+    return m
 
 
-def _plant(model, plan: tuple[int, ...]) -> tuple[Example, object]:
-    """An MC example whose gold label is the argmax under `plan` but not under the full plan."""
-    ex = RoutedExecutor(model, max_batch=2, capacity=256)
+def _plant(model, plan: tuple[int, ...], start: int = 0) -> tuple[Example, object]:
+    """An MC example whose gold choice is the log-likelihood argmax under `plan` but not under the full plan."""
+    sc = PlanScorer(model, max_rows=16)
     L = model.spec.n_layers
-    for k in range(200):
-        e = Example(str(k), "planted", f"Pick {k}", ("a", "b", "c", "d"), "0")
+    for k in range(start, start + 300):
+        e = Example(str(k), "planted", f"Pick {k}", ("ab", "cd", "ef", "gh"), "0")
         enc = encode(e, model.tokenizer)
-        out = ex.forward(torch.tensor([enc.ids] * 2), torch.zeros(2, dtype=torch.long),
-                         plans=torch.tensor([[1] * L, list(plan)]))
-        full, routed = (int(out.logits[i][list(enc.labels)].argmax()) for i in range(2))
-        if full != routed:
-            e = Example(str(k), "planted", e.question, e.choices, str(routed))
-            return e, encode(e, model.tokenizer)
+        full, routed = sc.score([(enc, (1,) * L), (enc, plan)])
+        pf, pr = (max(range(4), key=lambda i, s=s: s.cont_logprob[i]) for s in (full, routed))
+        if pf != pr:
+            e = Example(str(k), "planted", e.question, e.choices, str(pr))
+            enc = encode(e, model.tokenizer)
+            assert is_correct(enc, routed) and not is_correct(enc, full)
+            return e, enc
     raise AssertionError("no prompt separates the plans")
 
 
@@ -41,40 +45,53 @@ def test_actions_stay_within_limits() -> None:
     assert all(sum(apply_action((2, 2, 2, 1), a)) <= 8 for a in actions((2, 2, 2, 1)))
 
 
-def test_prefix_reuse_is_exact(model) -> None:
-    L = model.spec.n_layers
-    e, enc = _plant(model, (1, 0, 0, 1, 1, 1))
-    plans = [(1,) * L, (1, 0, 1, 1, 1, 1), (1, 1, 1, 2, 1, 1), (1, 1, 1, 0, 0, 1), (2, 1, 1, 1, 1, 0),
-             (1, 0, 1, 2, 1, 1)]
-    a = PlanEvaluator(RoutedExecutor(model, max_batch=4, capacity=256), enc, None, reuse=True)
-    b = PlanEvaluator(RoutedExecutor(model, max_batch=4, capacity=256), enc, None, reuse=False)
-    ra = a.evaluate(plans[:2]) + a.evaluate(plans[2:])
-    rb = b.evaluate(plans)
-    for x, y in zip(ra, rb, strict=True):
-        assert x.correct == y.correct and x.soft == pytest.approx(y.soft, abs=1e-5)
-    assert a.blocks_run < b.blocks_run
-
-
 def test_mcts_finds_planted_plan(model) -> None:
     L = model.spec.n_layers
-    e, enc = _plant(model, (1, 0, 0, 1, 1, 1))
-    ex = RoutedExecutor(model, max_batch=8, capacity=256)
-    res = search_example(ex, enc, None, SearchConfig(simulations=48, batch=4, seed=0))
+    _, enc = _plant(model, (1, 0, 0, 1, 1, 1))
+    # the paper's criterion (a plan must answer right) finds the planted fix
+    res = search_example(PlanScorer(model, max_rows=40), enc, SearchConfig(simulations=48, batch=4, seed=0),
+                         crit=Criteria(keep_full_answer=False))
     assert not res.base_correct and res.target_correct
     assert res.record(L)["fixed"]
     assert res.evals <= 48
 
 
 def test_mcts_tree_branches(model) -> None:
-    e, enc = _plant(model, (1, 1, 1, 0, 1, 1))
-    ev = PlanEvaluator(RoutedExecutor(model, max_batch=8, capacity=256), enc, None)
-    s = MCTS(ev, SearchConfig(simulations=30, batch=4, stop_saved=99, stop_on_fix=False))
-    s.run()
-    assert ev.evals == 30 and len(ev.results) == 30
+    _, enc = _plant(model, (1, 1, 1, 0, 1, 1))
+    s = MCTS(model.spec.n_layers, SearchConfig(simulations=30, batch=4))
+    sc = PlanScorer(model, max_rows=40)
+    from routing.offline.tasks.scoring import judge
+
+    gen = s.steps()
+    plans = next(gen)
+    full = sc.score([(enc, plans[0])])[0]
+    try:
+        while True:
+            plans = gen.send([judge(enc, x, full) for x in sc.score([(enc, p) for p in plans])])
+    except StopIteration:
+        pass
+    assert s.evals == 30 and len(s.results) == 30
+    root_children = {p for p in s.results if sum(c != 1 for c in p) <= 2 and p != (1,) * 6}
+    assert len(root_children) > 1  # more than one edit of the root was explored: the tree branches
+
+
+def test_lockstep_equals_alone(model) -> None:
+    encs = [_plant(model, (1, 0, 0, 1, 1, 1), start=s)[1] for s in (0, 400)]
+    cfg = SearchConfig(simulations=20, batch=4)
+    together = search_many(PlanScorer(model, max_rows=24), encs, cfg, seeds=[3, 4])
+    alone = [search_many(PlanScorer(model, max_rows=24), [e], cfg, seeds=[s])[0] for e, s in zip(encs, (3, 4), strict=True)]
+    for a, b in zip(together, alone, strict=True):
+        assert (a.target, a.target_correct, a.evals) == (b.target, b.target_correct, b.evals)
+        assert a.target_soft == pytest.approx(b.target_soft, abs=1e-4)
 
 
 def test_chain_baseline_runs(model) -> None:
-    e, enc = _plant(model, (1, 0, 0, 1, 1, 1))
-    ex = RoutedExecutor(model, max_batch=8, capacity=256)
-    res = search_example(ex, enc, None, SearchConfig(simulations=16, batch=4), method="chain")
+    _, enc = _plant(model, (1, 0, 0, 1, 1, 1))
+    res = search_example(PlanScorer(model, max_rows=40), enc, SearchConfig(simulations=16, batch=4), method="chain")
     assert res.evals <= 16
+
+
+def test_search_config_rejects_unknown_method(model) -> None:
+    with pytest.raises(ValueError, match="method"):
+        search_many(PlanScorer(model), [], SearchConfig(), method="beam")
+    assert torch.tensor(0).item() == 0

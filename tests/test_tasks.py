@@ -10,7 +10,7 @@ import torch
 
 from routing.offline.tasks import load_task, make_math
 from routing.offline.tasks.base import Example, label_index
-from routing.offline.tasks.scoring import Encoded, extract_number, judge, same_number
+from routing.offline.tasks.scoring import encode, extract_number, is_correct, judge, same_number
 
 ARC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "arc"
 
@@ -75,19 +75,32 @@ def test_extract_number() -> None:
     assert same_number("12.0", "12") and not same_number(None, "1")
 
 
-def test_judge_mc_and_teacher_forced_short() -> None:
-    enc = Encoded(ids=(1, 2), prompt_len=2, labels=(5, 6, 7), gold=1)
-    logits = torch.zeros(10)
-    logits[6] = 2.0
-    ok, soft = judge(enc, logits)
-    assert ok and soft == pytest.approx(torch.softmax(torch.tensor([0.0, 2.0, 0.0]), 0)[1].item())
-    short = Encoded(ids=(1, 2, 8, 9), prompt_len=2, target=(8, 9))
-    lg = torch.zeros(4, 10)
-    lg[1, 8] = lg[2, 9] = lg[3, 0] = 5.0
-    assert judge(short, lg, stops={0})[0]
-    assert not judge(short, lg, stops={3})[0]  # the answer must end there
-    lg[2, 9], lg[2, 4] = 0.0, 5.0
-    assert not judge(short, lg, stops={0})[0]
+def test_letter_and_short_answer_scoring(device: str) -> None:
+    """Letter scoring (label logits) and short answers by teacher forcing, through the plan scorer."""
+    from tiny import tiny_model
+    from toytok import ToyTokenizer
+
+    from routing.offline.plan_scoring import PlanScorer
+
+    m = tiny_model("llama", seed=4)
+    m.hf.to(device)
+    m.tokenizer, m.eos_token_ids = ToyTokenizer(), (95,)
+    L = m.spec.n_layers
+    mc = encode(Example("1", "t", "q?", ("x", "y", "z"), "1"), m.tokenizer, scoring="letter")
+    assert mc.kind == "letter" and mc.labels == tuple(m.tokenizer(" " + c)["input_ids"][-1] for c in "ABC")
+    short = encode(Example("2", "math-l1", "What is 1 + 1?", (), "2"), m.tokenizer)
+    assert short.kind == "short" and m.tokenizer.decode(list(short.conts[0])) == " 2"
+    sc = PlanScorer(m, max_rows=8, stops={0, 95})
+    s_mc, s_short = sc.score([(mc, (1,) * L), (short, (1,) * L)])
+    with torch.inference_mode():
+        lg = m.hf(torch.tensor([list(mc.ids)], device=device)).logits[0, -1].float().cpu()
+    assert list(s_mc.label_logits) == pytest.approx(lg[list(mc.labels)].tolist(), abs=1e-4)
+    with torch.inference_mode():
+        full = m.hf(torch.tensor([list(short.ids) + list(short.conts[0])], device=device)).logits[0].float().cpu()
+    P, T = len(short.ids), len(short.conts[0])
+    argmax_ok = all(int(full[P - 1 + i].argmax()) == t for i, t in enumerate(short.conts[0]))
+    assert is_correct(short, s_short) == (argmax_ok and int(full[P + T - 1].argmax()) in {0, 95})
+    assert judge(short, s_short, s_short).correct == is_correct(short, s_short)
 
 
 def test_example_properties() -> None:

@@ -1,111 +1,65 @@
-"""Evaluation: base vs routed accuracy at several budgets, with static ShortGPT pruning and random plans of
-the same execution count as baselines in the same run, per-layer decision shares, report files and plots."""
+"""Evaluation and calibration of routers.
+
+Evaluation: base (full depth) vs routed accuracy at several budgets, with static pruning and random plans
+of the same execution count as baselines in the same run, each accuracy with its 95 % Wilson interval,
+chance level and paired wins/losses against full depth; and for fidelity items (chat prompts) the fidelity
+measure: the routed greedy answer and the full-depth answer are both scored by the full model (mean
+log-probability per token); we report the mean difference (routed - full, nats/token) and the share of
+routed answers more than 1 nat/token below the full-depth answer ("garbled").
+
+Calibration: on calibration data, measure how much each block's single removal hurts (the static order,
+used by the "static" budget rule and the static-pruning baseline), choose the guard threshold that saves
+the most blocks while keeping accuracy and fidelity, and the budget rule that keeps more accuracy.
+"""
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import random
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..executor import RoutedExecutor, pad_right
-from ..generation import BatchGenerator, GenerationRequest
 from ..model import BaseModel
-from ..plan import LayerPlan
 from ..planner import PlanRequest
-from ..routers import RouterPlanner, Routers, apply_budget
-from ..sampling import SamplingParams
-from .tasks.base import Example
-from .tasks.scoring import Encoded, encode, extract_number, judge, same_number
+from ..policy import RoutingPolicy
+from ..routers import RouterPlanner, Routers
+from .greedy import greedy_answers
+from .plan_scoring import PlanScorer
+from .supervision import Item
+from .tasks.scoring import PlanScore, encode_fidelity, is_correct, mc_prediction, mean_logprob, stop_ids
 
 Plan = tuple[int, ...]
+GARBLED_NATS = 1.0  # a routed answer this far below the full-depth answer (nats/token) counts as garbled
 
 
-class Scorer:
-    """Scores (example, plan) pairs: MC by label logits (one prefill), short answers by greedy generation."""
-
-    def __init__(self, model: BaseModel, batch: int = 16, max_tokens: int = 12):
-        self.model, self.batch, self.max_tokens = model, batch, max_tokens
-        self.executor = RoutedExecutor(model, max_batch=batch, capacity=1024)
-        self.L = model.spec.n_layers
-
-    def score(self, exs: list[Example], encs: list[Encoded], plans: list[Plan]) -> list[bool]:
-        out: list[bool] = [False] * len(exs)
-        mc = [i for i, e in enumerate(exs) if e.is_mc]
-        short = [i for i, e in enumerate(exs) if not e.is_mc]
-        for k in range(0, len(mc), self.batch):
-            idx = mc[k:k + self.batch]
-            tokens, lengths = pad_right([encs[i].ids for i in idx])
-            res = self.executor.forward(tokens, torch.zeros(len(idx), dtype=torch.long),
-                                        plans=torch.tensor([plans[i] for i in idx]), lengths=lengths)
-            for j, i in enumerate(idx):
-                out[i] = judge(encs[i], res.logits[j])[0]
-        if short:
-            gen = BatchGenerator(self.model, max_batch=self.batch)
-            seqs = [(i, gen.submit(GenerationRequest(list(encs[i].ids[:encs[i].prompt_len]),
-                                                     SamplingParams(max_tokens=self.max_tokens, temperature=0),
-                                                     plan=LayerPlan(plans[i])))) for i in short]
-            gen.run_to_completion()
-            for i, s in seqs:
-                out[i] = same_number(extract_number(s.text), exs[i].answer)
-        return out
-
-    @torch.inference_mode()
-    def route(self, routers: Routers, encs: list[Encoded]) -> tuple[list[Plan], list[list[list[float]]],
-                                                                    list[bool | None]]:
-        """Routers decide each prompt's plan during its prefill (RouterPlanner) -> (plans, per-layer decision
-        logits [L][3], correctness of multiple-choice answers); budgets are applied afterwards with
-        `apply_budget`."""
-        plans: list[Plan] = []
-        logits: list[list[list[float]]] = []
-        correct: list[bool | None] = []
-        planner = RouterPlanner(routers)
-        for k in range(0, len(encs), self.batch):
-            chunk = encs[k:k + self.batch]
-            tokens, lengths = pad_right([e.ids[:e.prompt_len] for e in chunk])
-            b = len(chunk)
-            res = planner.prefill(self.executor, tokens, torch.arange(b), lengths, [PlanRequest()] * b)
-            for j in range(b):
-                plans.append(res.plans[j].counts)
-                logits.append(res.decision_logits[j])  # type: ignore[arg-type]
-                correct.append(judge(chunk[j], res.logits[j])[0] if chunk[j].is_mc else None)
-        return plans, logits, correct
-
-    @torch.inference_mode()
-    def block_influence(self, encs: list[Encoded]) -> tuple[list[float], list[bool | None]]:
-        """ShortGPT block influence: 1 - mean cosine(hidden in, hidden out) over the prompt tokens (the last
-        block gets inf: its output is not captured, and ShortGPT never drops it in practice). The same pass
-        gives the base correctness of multiple-choice prompts."""
-        correct: list[bool | None] = []
-        bi = torch.zeros(self.L, dtype=torch.float64)
-        count = 0
-        for k in range(0, len(encs), self.batch):
-            chunk = encs[k:k + self.batch]
-            tokens, lengths = pad_right([e.ids[:e.prompt_len] for e in chunk])
-            b = len(chunk)
-            res = self.executor.forward(tokens, torch.zeros(b, dtype=torch.long), plans=torch.ones(b, self.L,
-                                        dtype=torch.long), lengths=lengths, capture=True, all_logits=False)
-            assert res.entering is not None
-            correct += [judge(e, res.logits[j])[0] if e.is_mc else None for j, e in enumerate(chunk)]
-            valid = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-            hs = res.entering
-            for layer in range(self.L - 1):
-                h_in, h_out = hs[layer].float(), hs[layer + 1].float()
-                cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)
-                bi[layer] += float((1 - cos)[valid.to(cos.device)].sum())
-            count += int(lengths.sum())
-        bi /= max(count, 1)
-        bi[-1] = float("inf")  # the last block's output is not captured: it is never pruned
-        return bi.tolist(), correct
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k/n, in percent."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (100 * max(0.0, c - h), 100 * min(1.0, c + h))
 
 
-def static_plan(bi: list[float], n_prune: int) -> Plan:
-    """Skip the n_prune blocks of lowest influence (ShortGPT)."""
-    L = len(bi)
-    drop = set(sorted(range(L), key=lambda i: bi[i])[:max(0, min(n_prune, L - 1))])
+def group_name(task: str) -> str:
+    """Report groups: math-l1..l5 -> math, fidelity-* -> fidelity."""
+    if task.startswith("math-l"):
+        return "math"
+    if task.startswith("fidelity-"):
+        return "fidelity"
+    return task
+
+
+def static_plan(order: Sequence[int], n_prune: int, L: int) -> Plan:
+    """Skip the first n_prune blocks of `order` (least important first)."""
+    drop = set(list(order)[:max(0, min(n_prune, L - 1))])
     return tuple(0 if i in drop else 1 for i in range(L))
 
 
@@ -132,98 +86,269 @@ def decision_shares(plans: list[Plan], L: int) -> list[list[float]]:
     return out
 
 
-def task_name(examples: list[Example]) -> str:
-    """The common task of the examples: 'math' for math-l1..math-l5."""
-    names = sorted({e.task for e in examples})
-    if len(names) <= 1:
-        return names[0] if names else ""
-    prefix = os.path.commonprefix(names).rstrip("-l").rstrip("-")
-    return prefix or "+".join(names)
+class Evaluator:
+    """Routes prompts, scores plans and measures fidelity for one base model."""
+
+    def __init__(self, model: BaseModel, rows: int = 32, batch: int = 16, max_new_tokens: int = 48) -> None:
+        self.model, self.batch, self.max_new_tokens = model, batch, max_new_tokens
+        self.L = model.spec.n_layers
+        self.full: Plan = (1,) * self.L
+        self.scorer = PlanScorer(model, max_rows=rows, stops=stop_ids(model.tokenizer, model.eos_token_ids),
+                                 capacity=512)
+        self._executor: RoutedExecutor | None = None
+
+    def scores(self, items: Sequence[Item], plans: Sequence[Plan]) -> list[PlanScore]:
+        return self.scorer.score([(it.enc, p) for it, p in zip(items, plans, strict=True)])
+
+    @torch.inference_mode()
+    def route(self, routers: Routers, policy: RoutingPolicy, items: Sequence[Item],
+              budget: float | None) -> list[Plan]:
+        """Each item's plan as the server decides it: routers inside the prefill of its prompt, the guard
+        and the budget rule of `policy`."""
+        if self._executor is None or self._executor.cache.capacity < max(len(it.enc.ids) for it in items):
+            cap = max(len(it.enc.ids) for it in items) + 8
+            self._executor = RoutedExecutor(self.model, max_batch=self.batch, capacity=cap)
+        planner = RouterPlanner(routers, policy)
+        plans: list[Plan] = []
+        for k in range(0, len(items), self.batch):
+            chunk = items[k:k + self.batch]
+            tokens, lengths = pad_right([it.enc.ids for it in chunk])
+            b = len(chunk)
+            res = planner.prefill(self._executor, tokens, torch.arange(b), lengths, [PlanRequest(budget=budget)] * b)
+            plans += [p.counts for p in res.plans]
+        return plans
+
+    def fidelity(self, items: Sequence[Item], plans: Sequence[Plan]) -> list[float]:
+        """Per fidelity item: (full model's mean log-probability per token of the greedy answer along the
+        plan) - (the same of the full-depth answer), nats. An empty routed answer counts as -inf."""
+        out = [0.0] * len(items)
+        todo = [i for i, p in enumerate(plans) if p != self.full]
+        if not todo:
+            return out
+        answers = greedy_answers(self.model, [items[i].enc.ids for i in todo], [plans[i] for i in todo],
+                                 self.max_new_tokens, self.batch)
+        scorable = [(i, a) for i, a in zip(todo, answers, strict=True) if a]
+        for i, a in zip(todo, answers, strict=True):
+            if not a:
+                out[i] = -math.inf
+        encs = [encode_fidelity(list(items[i].enc.ids), a) for i, a in scorable]
+        got = self.scorer.score([(e, self.full) for e in encs])
+        base = self.scorer.score([(items[i].enc, self.full) for i, _ in scorable])
+        for (i, _), e, s, f in zip(scorable, encs, got, base, strict=True):
+            out[i] = mean_logprob(e, s) - mean_logprob(items[i].enc, f)
+        return out
+
+    def importance(self, items: Sequence[Item], norm: bool = False) -> list[float]:
+        """Per block: how much its single removal hurts on `items` (mean drop of the gold choice's
+        log-probability among the choices for multiple choice, of the full answer's mean log-probability
+        per token for fidelity and short answers), nats; larger = more important."""
+        full = self.scores(items, [self.full] * len(items))
+        drops = []
+        for layer in range(self.L):
+            plan = tuple(0 if i == layer else 1 for i in range(self.L))
+            got = self.scores(items, [plan] * len(items))
+            drops.append(sum(_quality(it, f, norm) - _quality(it, s, norm)
+                             for it, s, f in zip(items, got, full, strict=True)) / max(1, len(items)))
+        return drops
 
 
-def _merge(known: list[bool | None], fill: Callable[[list[int]], list[bool]]) -> list[bool]:
-    """Fill the None entries of `known` by scoring those indices."""
-    idx = [i for i, k in enumerate(known) if k is None]
-    got = dict(zip(idx, fill(idx), strict=True)) if idx else {}
-    return [bool(k) if k is not None else got[i] for i, k in enumerate(known)]
+def _quality(it: Item, s: PlanScore, norm: bool) -> float:
+    if it.enc.is_mc:
+        sc = torch.tensor(list(s.label_logits) if it.enc.kind == "letter" else
+                          [lp / (n if norm else 1) for lp, n in zip(s.cont_logprob, it.enc.chars, strict=True)])
+        return float(torch.log_softmax(sc.double(), -1)[it.enc.gold])
+    return mean_logprob(it.enc, s)
 
 
-def _acc(xs: list[bool]) -> float:
-    return 100.0 * sum(xs) / max(len(xs), 1)
+def _chance(items: Sequence[Item]) -> float:
+    mc = [it for it in items if it.enc.is_mc]
+    return 100 * sum(1 / len(it.enc.conts or it.enc.labels) for it in mc) / max(1, len(mc))
 
 
-def evaluate_task(model: BaseModel, routers: Routers, examples: list[Example], budgets: list[float | None],
-                  fmt: str = "plain", seed: int = 0, batch: int = 16, progress: bool = True) -> dict[str, object]:
-    L = model.spec.n_layers
-    sc = Scorer(model, batch=batch)
-    encs = [encode(e, model.tokenizer, fmt) for e in examples]
-    full: Plan = (1,) * L
-    steps = ["base", "route", "influence"] + [f"budget {b}" for b in budgets]
-    bar = None
+@dataclass
+class Arm:
+    """One way of choosing plans for a set of items, and what it scored."""
+
+    name: str
+    plans: list[Plan]
+    correct: list[bool] | None = None  # task items
+    fid: list[float] | None = None  # fidelity items: routed - full mean log-probability (nats/token)
+
+    def summary(self, L: int, base: list[bool] | None) -> dict[str, object]:
+        n = len(self.plans)
+        ex = sum(sum(p) for p in self.plans) / max(1, n)
+        d: dict[str, object] = {"mean_executions": ex, "saved": L - ex,
+                                "skips": sum(p.count(0) for p in self.plans) / max(1, n),
+                                "repeats": sum(p.count(2) for p in self.plans) / max(1, n)}
+        if self.correct is not None:
+            k = sum(self.correct)
+            d.update(accuracy=100 * k / max(1, n), ci95=wilson(k, n))
+            if base is not None:
+                d.update(wins=sum(c and not b for c, b in zip(self.correct, base, strict=True)),
+                         losses=sum(b and not c for c, b in zip(self.correct, base, strict=True)))
+        if self.fid is not None:
+            finite = [x for x in self.fid if math.isfinite(x)]
+            d.update(fidelity_delta=sum(max(x, -10.0) for x in self.fid) / max(1, n),
+                     garbled=100 * sum(x < -GARBLED_NATS for x in self.fid) / max(1, n),
+                     empty=sum(not math.isfinite(x) for x in self.fid), n_finite=len(finite))
+        return d
+
+
+def evaluate_group(ev: Evaluator, routers: Routers, policy: RoutingPolicy, items: list[Item],
+                   budgets: list[float | None], static_order: Sequence[int], seed: int = 0,
+                   norm: bool = False) -> dict[str, object]:
+    """Base, routed (per budget), static and random arms on one group of items (one task)."""
+    L = ev.L
+    rng = random.Random(seed)
+    is_fid = items[0].enc.kind == "fidelity"
+
+    def score(arm: Arm) -> Arm:
+        if is_fid:
+            arm.fid = ev.fidelity(items, arm.plans)
+        else:
+            arm.correct = [is_correct(it.enc, s, norm) for it, s in zip(items, ev.scores(items, arm.plans),
+                                                                          strict=True)]
+        return arm
+
+    base = score(Arm("full", [ev.full] * len(items)))
+    rows = []
+    for b in budgets:
+        routed = score(Arm("routed", ev.route(routers, policy, items, b)))
+        k = round(L - sum(sum(p) for p in routed.plans) / len(items))
+        static = score(Arm("static", [static_plan(static_order, k, L)] * len(items)))
+        rand = score(Arm("random", [random_plan(sum(p), L, rng) for p in routed.plans]))
+        rows.append({"budget": b, "static_pruned_blocks": max(0, k),
+                     **{a.name: a.summary(L, base.correct) for a in (routed, static, rand)},
+                     "decision_shares": decision_shares(routed.plans, L)})
+    out: dict[str, object] = {"task": group_name(items[0].task), "n": len(items), "kind": items[0].enc.kind,
+                              "L": L, "base": base.summary(L, None), "budgets": rows}
+    if not is_fid:
+        out["chance"] = _chance(items)
+    return out
+
+
+def evaluate(ev: Evaluator, routers: Routers, policy: RoutingPolicy, items: list[Item],
+             budgets: list[float | None], static_order: Sequence[int] | None = None, seed: int = 0,
+             norm: bool = False, progress: bool = True) -> list[dict[str, object]]:
+    """`evaluate_group` per task group; the static order defaults to the policy's budget order, else
+    the single-removal importance measured on the items themselves."""
+    groups: dict[str, list[Item]] = {}
+    for it in items:
+        groups.setdefault(group_name(it.task), []).append(it)
+    order = list(static_order or policy.budget_order)
+    if not order:
+        imp = ev.importance(items, norm)
+        order = sorted(range(ev.L), key=lambda i: imp[i])
+    names = list(groups)
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(steps), desc=f"eval {task_name(examples)}", unit="step")
 
-    def tick() -> None:
-        if bar is not None:
-            bar.update(1)
+        names = tqdm(names, desc="eval", unit="task")
+    return [evaluate_group(ev, routers, policy, groups[g], budgets, order, seed, norm) for g in names]
 
-    bi, base_mc = sc.block_influence(encs)
-    base = _merge(base_mc, lambda idx: sc.score([examples[i] for i in idx], [encs[i] for i in idx],
-                                                [full] * len(idx)))
-    tick()
-    routed, logits, routed_mc = sc.route(routers, encs)
-    tick()
-    tick()
-    rng = random.Random(seed)
-    rows = []
-    shares = {}
-    for b in budgets:
-        plans = [tuple(apply_budget(list(p), lg, b)) for p, lg in zip(routed, logits, strict=True)]
-        if b is None:
-            acc = _merge(routed_mc, lambda idx, ps=plans: sc.score([examples[i] for i in idx], [encs[i] for i in idx],
-                                                                   [ps[i] for i in idx]))
-        else:
-            acc = sc.score(examples, encs, plans)
-        mean_exec = sum(sum(p) for p in plans) / max(len(plans), 1)
-        k = round(L - mean_exec)
-        stat = static_plan(bi, k)
-        s_acc = sc.score(examples, encs, [stat] * len(examples))
-        r_plans = [random_plan(sum(p), L, rng) for p in plans]
-        r_acc = sc.score(examples, encs, r_plans)
-        key = "none" if b is None else str(b)
-        shares[key] = decision_shares(plans, L)
-        rows.append({"budget": b, "routed_accuracy": _acc(acc), "mean_executions": mean_exec,
-                     "layers_saved": L - mean_exec, "skips": sum(p.count(0) for p in plans) / len(plans),
-                     "repeats": sum(p.count(2) for p in plans) / len(plans),
-                     "static_pruned_blocks": max(0, k), "static_accuracy": _acc(s_acc),
-                     "static_executions": sum(stat), "random_accuracy": _acc(r_acc),
-                     "random_mean_executions": sum(sum(p) for p in r_plans) / len(r_plans),
-                     "delta_vs_base": _acc(acc) - _acc(base)})
-        tick()
-    if bar is not None:
-        bar.close()
-    return {"task": task_name(examples), "n": len(examples), "base_accuracy": _acc(base),
-            "base_executions": L, "budgets": rows, "decision_shares": shares, "block_influence": bi}
+
+def calibrate(ev: Evaluator, routers: Routers, items: list[Item], thresholds: Sequence[float],
+              repeat_threshold: float | None = 0.9, budget: float = 0.8, max_acc_drop: float = 0.5,
+              max_garbled: float = 5.0, max_fid_drop: float = 0.3, norm: bool = False,
+              progress: bool = True) -> tuple[RoutingPolicy, dict[str, object]]:
+    """Choose the routing policy on calibration `items` (multiple choice and fidelity):
+    1. the static order: blocks sorted by single-removal importance (least first);
+    2. the guard: the skip threshold (from `thresholds`) whose routed plans save the most executions while
+       multiple-choice accuracy stays within `max_acc_drop` points of full depth, fidelity garbles at most
+       `max_garbled` % and the mean fidelity difference is above -`max_fid_drop` (nats/token); if none
+       qualifies, the most conservative threshold;
+    3. the budget rule ("margin" or "static") with the higher multiple-choice accuracy at `budget`
+       (ties: fewer garbled fidelity answers, then static)."""
+    mc = [it for it in items if it.enc.is_mc]
+    fid = [it for it in items if it.enc.kind == "fidelity"]
+    imp = ev.importance(items, norm)
+    order = tuple(sorted(range(ev.L), key=lambda i: imp[i]))
+    base_mc = [is_correct(it.enc, s, norm) for it, s in zip(mc, ev.scores(mc, [ev.full] * len(mc)), strict=True)]
+    base_acc = 100 * sum(base_mc) / max(1, len(mc))
+
+    def measure(policy: RoutingPolicy, b: float | None) -> dict[str, float]:
+        row: dict[str, float] = {}
+        if mc:
+            plans = ev.route(routers, policy, mc, b)
+            ok = [is_correct(it.enc, s, norm) for it, s in zip(mc, ev.scores(mc, plans), strict=True)]
+            row.update(mc_accuracy=100 * sum(ok) / len(mc), mc_saved=ev.L - sum(map(sum, plans)) / len(mc))
+        if fid:
+            plans = ev.route(routers, policy, fid, b)
+            f = ev.fidelity(fid, plans)
+            row.update(fidelity_delta=sum(max(x, -10.0) for x in f) / len(fid),
+                       garbled=100 * sum(x < -GARBLED_NATS for x in f) / len(fid),
+                       fidelity_saved=ev.L - sum(map(sum, plans)) / len(fid))
+        return row
+
+    def ok(r: dict[str, float]) -> bool:
+        return (r.get("mc_accuracy", base_acc) >= base_acc - max_acc_drop and r.get("garbled", 0.0) <= max_garbled
+                and r.get("fidelity_delta", 0.0) >= -max_fid_drop)
+
+    grid = []
+    ts = list(thresholds)
+    if progress:
+        from tqdm import tqdm
+
+        ts = tqdm(ts, desc="calibrate guard", unit="threshold")
+    for t in ts:
+        r = measure(RoutingPolicy(t, repeat_threshold), None)
+        grid.append({"skip_threshold": t, **r, "qualifies": ok(r)})
+    good = [g for g in grid if g["qualifies"]]
+    saved = lambda g: g.get("mc_saved", 0.0) + g.get("fidelity_saved", 0.0)  # noqa: E731
+    best = max(good, key=lambda g: (saved(g), g["skip_threshold"])) if good else max(
+        grid, key=lambda g: g["skip_threshold"])
+    tau = float(best["skip_threshold"])
+    rules = {}
+    for rule in ("margin", "static"):
+        rules[rule] = measure(RoutingPolicy(tau, repeat_threshold, rule, order), budget)
+    pick = max(("static", "margin"), key=lambda r: (rules[r].get("mc_accuracy", 0.0), -rules[r].get("garbled", 0.0)))
+    policy = RoutingPolicy(tau, repeat_threshold, pick, order)
+    report = {"base_mc_accuracy": base_acc, "n_mc": len(mc), "n_fidelity": len(fid), "importance": imp,
+              "order": list(order), "guard_grid": grid, "chosen_skip_threshold": tau,
+              "budget_rules_at": budget, "budget_rules": rules, "chosen_budget_rule": pick,
+              "constraints": {"max_acc_drop": max_acc_drop, "max_garbled": max_garbled,
+                              "max_fid_drop": max_fid_drop}}
+    return policy, report
+
+
+def _fmt_acc(a: dict) -> str:
+    lo, hi = a["ci95"]
+    return f"{a['accuracy']:.1f} [{lo:.0f}–{hi:.0f}]"
 
 
 def write_report(out: Path, results: list[dict[str, object]], meta: dict[str, object]) -> None:
+    """report.json, report.md and the plots in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({"meta": meta, "tasks": results}, indent=2) + "\n")
+    L = results[0]["L"] if results else "?"
     lines = ["# Routed evaluation", "", f"Model: {meta.get('model')}; routers: {meta.get('routers')}; "
-             f"prompt format: {meta.get('prompt_format')}", "",
-             "| task | n | budget | base acc | routed acc | Δ | mean exec | saved | static acc (pruned) | "
-             "random acc |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"policy: {json.dumps(meta.get('policy'))}", "",
+             "## Accuracy (multiple choice by log-likelihood)", "",
+             "| task | n | chance | budget | full | routed | W/L vs full | exec | static (same exec) | random |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if r["kind"] == "fidelity":
+            continue
         for b in r["budgets"]:  # type: ignore[union-attr]
-            lines.append(f"| {r['task']} | {r['n']} | {b['budget'] or 'none'} | {r['base_accuracy']:.1f} | "
-                         f"{b['routed_accuracy']:.1f} | {b['delta_vs_base']:+.1f} | {b['mean_executions']:.2f} | "
-                         f"{b['layers_saved']:.2f} | {b['static_accuracy']:.1f} ({b['static_pruned_blocks']}) | "
-                         f"{b['random_accuracy']:.1f} |")
-    lines += ["", "Accuracy in %. Executions per example (a repeat counts 2) of L = "
-              f"{results[0]['base_executions'] if results else '?'}. Static: ShortGPT block-influence pruning of "
-              "round(L - mean routed executions) blocks (influence measured on the task's own prompts); random: "
-              "per example a random plan with the routed plan's execution count.", ""]
+            ro, st, ra = b["routed"], b["static"], b["random"]
+            lines.append(f"| {r['task']} | {r['n']} | {r.get('chance', 0):.1f} | {b['budget'] or 'none'} | "
+                         f"{_fmt_acc(r['base'])} | {_fmt_acc(ro)} | +{ro['wins']}/−{ro['losses']} | "
+                         f"{ro['mean_executions']:.2f} | {_fmt_acc(st)} ({b['static_pruned_blocks']} pruned) | "
+                         f"{_fmt_acc(ra)} |")
+    lines += ["", f"Accuracy in % with its 95 % Wilson interval; W/L: examples routed right and full wrong / "
+              f"the reverse. exec: mean block executions of L = {L} (a repeat counts 2). Static: the same "
+              "number of blocks dropped for every prompt, least important first (single-removal order); "
+              "random: per example a random plan with the routed plan's execution count.", "",
+              "## Fidelity (chat prompts; full model's mean log-probability per token of the answers)", "",
+              "| set | n | budget | arm | Δ nats/token vs full answer | garbled (< −1) | exec |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r["kind"] != "fidelity":
+            continue
+        for b in r["budgets"]:  # type: ignore[union-attr]
+            for arm in ("routed", "static", "random"):
+                a = b[arm]
+                lines.append(f"| {r['task']} | {r['n']} | {b['budget'] or 'none'} | {arm} | "
+                             f"{a['fidelity_delta']:+.3f} | {a['garbled']:.1f} % | {a['mean_executions']:.2f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot(out, results)
 
@@ -234,35 +359,58 @@ def plot(out: Path, results: list[dict[str, object]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(results)
-    if not n:
-        return
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
-    for ax, r in zip(axes[0], results, strict=True):
-        bs = r["budgets"]  # type: ignore[assignment]
-        L = r["base_executions"]
-        ax.scatter([L], [r["base_accuracy"]], marker="*", s=120, label="base", color="k")
-        ax.plot([b["mean_executions"] for b in bs], [b["routed_accuracy"] for b in bs], "o-", label="routed")
-        ax.plot([b["static_executions"] for b in bs], [b["static_accuracy"] for b in bs], "s--", label="static")
-        ax.plot([b["random_mean_executions"] for b in bs], [b["random_accuracy"] for b in bs], "^:", label="random")
-        ax.set_title(f"{r['task']} (n={r['n']})")
+    acc = [r for r in results if r["kind"] != "fidelity"]
+    if acc:
+        fig, axes = plt.subplots(1, len(acc), figsize=(4.6 * len(acc), 3.8), squeeze=False)
+        for ax, r in zip(axes[0], acc, strict=True):
+            L = r["L"]
+            base = r["base"]
+            ax.axhline(r.get("chance", 0), color="grey", ls=":", lw=1, label="chance")
+            ax.errorbar([L], [base["accuracy"]], yerr=[[base["accuracy"] - base["ci95"][0]],
+                        [base["ci95"][1] - base["accuracy"]]], fmt="*", ms=11, color="k", capsize=3, label="full")
+            for arm, style in (("routed", "o-"), ("static", "s--"), ("random", "^:")):
+                xs = [b[arm]["mean_executions"] for b in r["budgets"]]
+                ys = [b[arm]["accuracy"] for b in r["budgets"]]
+                lo = [y - b[arm]["ci95"][0] for y, b in zip(ys, r["budgets"], strict=True)]
+                hi = [b[arm]["ci95"][1] - y for y, b in zip(ys, r["budgets"], strict=True)]
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3, label=arm, alpha=0.85)
+            ax.set_ylim(0, 100)
+            ax.set_title(f"{r['task']} (n={r['n']}), 95 % CI")
+            ax.set_xlabel("mean block executions")
+            ax.set_ylabel("accuracy %")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_executions.png", dpi=110)
+        plt.close(fig)
+    fids = [r for r in results if r["kind"] == "fidelity"]
+    if fids:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for r in fids:
+            for arm, style in (("routed", "o-"), ("static", "s--"), ("random", "^:")):
+                ax.plot([b[arm]["mean_executions"] for b in r["budgets"]], [b[arm]["garbled"] for b in r["budgets"]],
+                        style, label=arm)
+        ax.axhline(5, color="grey", ls=":", lw=1, label="target ≤ 5 %")
+        ax.set_ylim(0, 100)
         ax.set_xlabel("mean block executions")
-        ax.set_ylabel("accuracy %")
+        ax.set_ylabel("garbled answers %")
+        ax.set_title("fidelity on held-out chat prompts")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_executions.png", dpi=110)
-    plt.close(fig)
-    fig, axes = plt.subplots(n, 1, figsize=(9, 1.6 * n + 0.6), squeeze=False)
+        fig.tight_layout()
+        fig.savefig(out / "fidelity_vs_executions.png", dpi=110)
+        plt.close(fig)
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, 1.6 * len(results) + 0.6), squeeze=False)
     for ax, r in zip(axes[:, 0], results, strict=True):
-        shares = r["decision_shares"]  # type: ignore[assignment]
-        key = next(iter(shares))
-        m = torch.tensor(shares[key]).T.numpy()  # [3, L]
+        m = torch.tensor(r["budgets"][0]["decision_shares"]).T.numpy()  # [3, L]
         im = ax.imshow(m, aspect="auto", vmin=0, vmax=1, cmap="viridis")
         ax.set_yticks([0, 1, 2], ["skip", "exec", "repeat"])
-        ax.set_title(f"{r['task']}: decision share per layer (budget {key})", fontsize=9)
+        ax.set_title(f"{r['task']}: decision share per layer (budget {r['budgets'][0]['budget'] or 'none'})",
+                     fontsize=9)
         ax.set_xlabel("layer")
         fig.colorbar(im, ax=ax, fraction=0.02)
     fig.tight_layout()
     fig.savefig(out / "decisions_heatmap.png", dpi=110)
     plt.close(fig)
 
+
+__all__ = ["Evaluator", "calibrate", "evaluate", "evaluate_group", "mc_prediction", "random_plan", "static_plan",
+           "wilson", "write_report"]

@@ -49,67 +49,106 @@ def _setup(args: argparse.Namespace):  # -> BaseModel
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # search and training on a GPU: TF32 matmuls (float32 storage) are close enough for supervision;
+    # calibration and evaluation keep full float32, the precision the CPU server runs in
+    torch.backends.cuda.matmul.allow_tf32 = args.func in (_cmd_search, _cmd_train)
     torch.manual_seed(args.seed)
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
+def _items_for(args: argparse.Namespace, model, split: str | None):  # -> list[Item]
+    """Task items of --data and fidelity items of --fidelity (chat prompts of `split`)."""
+    from .supervision import fidelity_items, fidelity_prompts, task_items
+    from .tasks.fidelity import task_split
+
+    examples = load_sources(parse_sources(args.data or [], args.task, args.limit), args.limit)
+    if split in ("train", "calib"):  # training files: 85 % search/train, 15 % calibration
+        examples = [e for e in examples if task_split(e.question) == split]
+    items = task_items(examples, model.tokenizer, args.prompt_format, args.scoring)
+    if getattr(args, "fidelity", None):
+        prompts = fidelity_prompts(args.fidelity, split, args.limit)
+        answers = Path(args.answers) if args.answers else None
+        items += fidelity_items(model, prompts, answers, args.max_new_tokens, args.gen_batch)
+    return items
+
+
+def _criteria(args: argparse.Namespace):  # -> Criteria
+    from .tasks.scoring import Criteria
+
+    return Criteria(norm=args.norm, fidelity_margin=args.fidelity_margin, fidelity_agree=args.fidelity_agree)
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
+    import time
+
     from tqdm import tqdm
 
-    from ..executor import RoutedExecutor
-    from .search import SearchConfig, search_example
-    from .tasks.scoring import encode, stop_ids
+    from .plan_scoring import PlanScorer
+    from .search import SearchConfig, search_many
+    from .tasks.scoring import stop_ids
 
     i, n = (int(x) for x in args.shard.split("/"))
     if not 0 <= i < n:
         raise ValueError("--shard i/n needs 0 <= i < n")
-    examples = load_sources(parse_sources(args.data, args.task, args.limit), args.limit)
-    random.Random(args.seed).shuffle(examples)  # interleave sources: a partial run covers all of them
-    examples = examples[i::n]
-    if args.ids_from:
-        keep = [(r["task"], r["id"]) for r in map(json.loads, Path(args.ids_from).read_text().splitlines()) if r]
-        keep = keep[:args.max_examples] if args.max_examples else keep
-        by_key = {(e.task, e.id): e for e in examples}
-        examples = [by_key[k] for k in keep if k in by_key]
-    elif args.max_examples:
-        examples = examples[:args.max_examples]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    for prev in [out, *map(Path, args.done or [])]:
-        if not prev.exists():
-            continue
-        for line in prev.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done.add((r["task"], r["id"]))
-    todo = [e for e in examples if (e.task, e.id) not in done]
+    if not args.data and not args.fidelity:
+        raise ValueError("search needs --data and/or --fidelity")
     model = _setup(args)
     L = model.spec.n_layers
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.answers is None and args.fidelity:
+        args.answers = str(out.with_suffix(".answers.jsonl"))
+    items = _items_for(args, model, args.split)
+    random.Random(args.seed).shuffle(items)  # interleave sources: a partial run covers all of them
+    items = items[i::n]
+    if args.ids_from:
+        keep = [(r["task"], r["id"]) for r in map(json.loads, Path(args.ids_from).read_text().splitlines()) if r]
+        by_key = {(it.task, it.id): it for it in items}
+        items = [by_key[k] for k in keep if k in by_key]
+    if args.max_examples:
+        items = items[:args.max_examples]
+    done = set()
+    for prev in [out, *map(Path, args.done or [])]:
+        if prev.exists():
+            for line in prev.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    done.add((r["task"], r["id"]))
+    todo = [it for it in items if (it.task, it.id) not in done]
     cfg = SearchConfig(simulations=args.simulations, c_explore=args.c_explore, length_penalty=args.length_penalty,
-                       soft_weight=args.soft_weight, widen=args.widen, rollout=args.rollout, batch=args.batch, stop_saved=args.stop_saved,
-                       stop_on_fix=not args.no_stop_on_fix, reuse=not args.no_reuse, seed=args.seed)
-    executor = RoutedExecutor(model, max_batch=args.batch, capacity=1024)
-    stops = stop_ids(model.tokenizer, model.eos_token_ids)
-    bar = tqdm(todo, desc=f"search {args.method} shard {i}/{n}", initial=len(examples) - len(todo),
-               total=len(examples), file=sys.stderr)
-    evals = secs = 0.0
+                       soft_weight=args.soft_weight, widen=args.widen, rollout=args.rollout, batch=args.batch,
+                       stop_saved=args.stop_saved, stop_on_fix=args.stop_on_fix, seed=args.seed)
+    crit = _criteria(args)
+    scorer = PlanScorer(model, max_rows=args.rows, stops=stop_ids(model.tokenizer, model.eos_token_ids),
+                        capacity=max((len(it.enc.ids) + max((len(c) for c in it.enc.conts), default=1)
+                                      for it in items), default=64) + 2)
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"search {args.method} shard {i}/{n}",
+               file=sys.stderr, unit="ex")
+    t_start, evals0 = time.perf_counter(), 0
     with open(out, "a") as f:
-        for e in bar:
-            enc = encode(e, model.tokenizer, args.prompt_format)
-            cfg.seed = example_seed(args.seed, e.task, e.id)  # each example explores its own edit order
-            # --ab-reuse: search each example with and without prefix reuse, alternating which goes first,
-            # so that machine load hits both alike (the targets must agree)
-            flags = [cfg.reuse] if not args.ab_reuse else [True, False] if bar.n % 2 == 0 else [False, True]
-            for flag in flags:
-                cfg.reuse = flag
-                res = search_example(executor, enc, stops if not e.is_mc else None, cfg, args.method)
-                rec = {"id": e.id, "task": e.task, "method": args.method, **res.record(L),
-                       "config": {**cfg.__dict__, "prompt_format": args.prompt_format}}
+        for g in range(0, len(todo), args.group):
+            group = todo[g:g + args.group]
+            seeds = [example_seed(args.seed, it.task, it.id) for it in group]
+
+            def write(k: int, res, group=group) -> None:  # noqa: ANN001
+                it = group[k]
+                rec = {"id": it.id, "task": it.task, "kind": it.enc.kind, "method": args.method,
+                       "prompt": list(it.enc.ids), **res.record(L),
+                       "config": {**cfg.__dict__, **crit.__dict__, "scoring": args.scoring,
+                                  "prompt_format": args.prompt_format}}
+                rec["config"].pop("seed", None)
                 f.write(json.dumps(rec) + "\n")
-                f.flush()
-                evals, secs = evals + res.evals, secs + res.seconds
-            bar.set_postfix(evals_s=f"{evals / max(secs, 1e-9):.2f}")
+                bar.update(1)
+
+            search_many(scorer, [it.enc for it in group], cfg, args.method, seeds, crit, on_done=write)
+            f.flush()
+            evals0 = scorer.evals
+            bar.set_postfix(evals_s=f"{evals0 / max(time.perf_counter() - t_start, 1e-9):.1f}")
+    bar.close()
+    secs = time.perf_counter() - t_start
+    print(json.dumps({"examples": len(todo), "plan_evaluations": scorer.evals, "seconds": round(secs, 1),
+                      "evals_per_s": round(scorer.evals / max(secs, 1e-9), 2),
+                      "seconds_per_1000_examples": round(1000 * secs / max(len(todo), 1), 1)}))
     return 0
 
 
@@ -127,45 +166,47 @@ def _provenance(paths: list[str]) -> list[dict[str, str]]:
     return out
 
 
+def read_records(paths: list[str]) -> dict[tuple[str, str], dict]:
+    """Search JSONL files (shards merge; a later record of the same example wins)."""
+    records: dict[tuple[str, str], dict] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                records[(r["task"], r["id"])] = r
+    return records
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from ..router_net import RouterConfig
     from ..routers import save_routers
-    from .tasks.scoring import encode
     from .train import TrainConfig, precompute, train_routers
 
-    sources = parse_sources(args.data, args.task, args.limit)
-    by_key = {(e.task, e.id): e for e in load_sources(sources, args.limit)}
-    records: dict[tuple[str, str], dict] = {}
-    for path in args.search:
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                records[(r["task"], r["id"])] = r
-    keys = sorted(k for k in records if k in by_key)
+    records = read_records(args.search)
+    keys = sorted(records)
+    if args.task_filter:
+        keys = [k for k in keys if any(k[0].startswith(t) for t in args.task_filter)]
     if not keys:
-        raise ValueError("no search record matches an example of --data")
+        raise ValueError("no search records to train on")
     model = _setup(args)
-    prompts, targets = [], []
-    for k in keys:
-        enc = encode(by_key[k], model.tokenizer, args.prompt_format)
-        prompts.append(list(enc.ids[:enc.prompt_len]))
-        targets.append(records[k]["target"])
-    feats = precompute(model, prompts, targets, window=args.window)
+    prompts = [records[k]["prompt"] for k in keys]
+    targets = [records[k]["target"] for k in keys]
+    feats = precompute(model, prompts, targets, window=args.window, batch=64 if model.device.type == "cuda" else 16)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup=args.warmup, gamma=args.gamma, beta=args.beta, val_fraction=args.val_fraction,
                       seed=args.seed)
     rcfg = RouterConfig(n_layers=model.spec.n_layers, hidden_size=model.spec.hidden_size, window=args.window,
                         bottleneck=args.bottleneck)
     torch.manual_seed(args.seed)
-    routers, info = train_routers(feats, rcfg, cfg)
+    routers, info = train_routers(feats, rcfg, cfg, device=model.device)
     recs = [records[k] for k in keys]
     training = {
         "command": " ".join(["drllm", *sys.argv[1:]]) if sys.argv and "drllm" in sys.argv[0] else None,
         "argv": sys.argv[1:],
-        "search_files": _provenance(args.search), "data": _provenance([p for _, p in sources]),
-        "examples": len(keys), "config": cfg.__dict__, "prompt_format": args.prompt_format,
+        "search_files": _provenance(args.search), "examples": len(keys), "config": cfg.__dict__,
+        "tasks": sorted({k[0] for k in keys}),
         "targets": {"mean_executions": sum(r["target_executions"] for r in recs) / len(recs),
                     "shorter": sum(bool(r["shorter"]) for r in recs), "fixed": sum(bool(r["fixed"]) for r in recs)},
         **info,
@@ -176,21 +217,47 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..policy import RoutingPolicy
     from ..routers import load_routers
-    from .evaluate import evaluate_task, write_report
+    from .evaluate import Evaluator, evaluate, write_report
 
-    budgets = [None if b in ("none", "full") else float(b) for b in (args.budget or ["none"])]
+    budgets = [None if b in ("none", "auto") else float(b) for b in (args.budget or ["none"])]
     model = _setup(args)
     routers = load_routers(args.routers, model)
-    results = []
-    for kind, path in parse_sources(args.data, args.task, args.limit):
-        examples = load_sources([(kind, path)], args.limit)
-        r = evaluate_task(model, routers, examples, budgets, args.prompt_format, args.seed, args.batch)
-        results.append(r)
-        print(json.dumps({k: r[k] for k in ("task", "n", "base_accuracy", "budgets")}))
-    meta = {"model": model.name, "routers": args.routers, "prompt_format": args.prompt_format,
-            "argv": sys.argv[1:], "data": _provenance([p for _, p in parse_sources(args.data, args.task, None)])}
+    policy = getattr(routers, "policy", None) or RoutingPolicy()
+    if args.argmax:
+        policy = RoutingPolicy(budget_rule=policy.budget_rule, budget_order=policy.budget_order)
+    items = _items_for(args, model, args.split)
+    ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens)
+    results = evaluate(ev, routers, policy, items, budgets, seed=args.seed, norm=args.norm)
+    for r in results:
+        print(json.dumps({"task": r["task"], "n": r["n"], "base": r["base"],
+                          "budgets": [{k: v for k, v in b.items() if k != "decision_shares"} for b in r["budgets"]]}))
+    meta = {"model": model.name, "routers": args.routers, "policy": policy.to_dict(), "split": args.split,
+            "scoring": args.scoring, "norm": args.norm, "argv": sys.argv[1:],
+            "data": _provenance([p for _, p in parse_sources(args.data or [], args.task, None)]),
+            "fidelity": args.fidelity}
     write_report(Path(args.out), results, meta)
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from ..checkpoint import update_meta
+    from ..routers import load_routers
+    from .evaluate import Evaluator, calibrate
+
+    model = _setup(args)
+    routers = load_routers(args.routers, model)
+    items = _items_for(args, model, args.split)
+    ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens)
+    policy, report = calibrate(ev, routers, items, args.threshold or [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+                               repeat_threshold=args.repeat_threshold, budget=args.at_budget,
+                               max_acc_drop=args.max_acc_drop, max_garbled=args.max_garbled,
+                               max_fid_drop=args.max_fid_drop, norm=args.norm)
+    report["argv"] = sys.argv[1:]
+    if args.write:
+        update_meta(Path(args.routers), policy=policy.to_dict(), calibration=report)
+    print(json.dumps({"policy": policy.to_dict(), "grid": report["guard_grid"], "budget_rules": report["budget_rules"]}))
     return 0
 
 
@@ -223,6 +290,24 @@ def _cmd_report_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_item_args(p: argparse.ArgumentParser) -> None:
+    """The examples a command runs on: task data and fidelity prompts, and how they are scored."""
+    p.add_argument("--task", default=None, help="task kind for bare --data paths (arc, mmlu, gsm8k, jsonl, math)")
+    p.add_argument("--data", action="append", default=None,
+                   help="KIND:PATH or PATH (repeatable); math:levels=1-5,n=20,split=train,seed=0")
+    p.add_argument("--fidelity", action="append", default=None,
+                   help="chat prompts kept to the full model's own answer (repeatable): everyday, "
+                   "arc:PATH, math:SPEC or file:PATH")
+    p.add_argument("--answers", default=None, help="JSONL cache of the full-depth fidelity answers")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length of the fidelity answers")
+    p.add_argument("--gen-batch", type=int, default=16, help="rows per batch when generating answers")
+    p.add_argument("--limit", type=int, default=None, help="examples per source")
+    p.add_argument("--scoring", choices=("ll", "letter"), default="ll",
+                   help="multiple choice by log-likelihood of each choice (default) or by the label's logit")
+    p.add_argument("--norm", action="store_true", help="multiple choice by acc_norm (per character) not acc")
+    p.add_argument("--prompt-format", choices=("plain", "chat"), default="plain")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report-merge", help="merge eval report directories (e.g. of parallel runs) into one")
     p.add_argument("reports", nargs="+")
@@ -236,10 +321,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("search", help="MCTS over layer plans per training example -> JSONL targets")
     add_model_args(p)
-    p.add_argument("--task", default=None, help="task kind for bare --data paths (arc, mmlu, gsm8k, jsonl, math)")
-    p.add_argument("--data", action="append", required=True,
-                   help="KIND:PATH or PATH (repeatable); math:levels=1-5,n=20,split=train,seed=0")
-    p.add_argument("--limit", type=int, default=None, help="examples per source")
+    add_item_args(p)
     p.add_argument("--out", required=True, help="JSONL output (appended; finished examples are skipped)")
     p.add_argument("--shard", default="0/1", help="i/n: this process searches examples i, i+n, ...")
     p.add_argument("--done", action="append", help="another JSONL whose examples count as finished")
@@ -248,18 +330,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="search only the examples of this search JSONL, in its order (to compare methods)")
     p.add_argument("--method", choices=("mcts", "chain"), default="mcts",
                    help="mcts, or the reference's chain of random edits")
-    p.add_argument("--simulations", type=int, default=32)
+    p.add_argument("--simulations", type=int, default=32, help="plan evaluations per example")
     p.add_argument("--c-explore", type=float, default=1.8)
     p.add_argument("--length-penalty", type=float, default=0.5)
     p.add_argument("--soft-weight", type=float, default=0.25)
     p.add_argument("--widen", type=float, default=0.5)
     p.add_argument("--rollout", type=int, default=6, help="random edits after a new node before scoring")
-    p.add_argument("--batch", type=int, default=8, help="plans scored per forward")
-    p.add_argument("--stop-saved", type=int, default=4)
-    p.add_argument("--no-stop-on-fix", action="store_true")
-    p.add_argument("--no-reuse", action="store_true", help="disable prefix reuse (for measurement)")
-    p.add_argument("--ab-reuse", action="store_true", help="search every example with and without reuse")
-    p.add_argument("--prompt-format", choices=("plain", "chat"), default="plain")
+    p.add_argument("--batch", type=int, default=8, help="plans one example's search asks for at a time")
+    p.add_argument("--stop-saved", type=int, default=0, help="early stop at this many saved executions (0: off)")
+    p.add_argument("--stop-on-fix", action="store_true", help="early stop when a wrong example is fixed")
+    p.add_argument("--rows", type=int, default=32,
+                   help="executor rows per forward (prompts + continuations; a GPU takes hundreds)")
+    p.add_argument("--group", type=int, default=16,
+                   help="examples searched in lockstep (their plans share batches); the resume granularity")
+    p.add_argument("--split", choices=("train", "calib", "heldout"), default="train",
+                   help="which split of the fidelity prompts to search")
+    p.add_argument("--fidelity-margin", type=float, default=0.1,
+                   help="fidelity: most drop of the full answer's mean log-probability per token (nats)")
+    p.add_argument("--fidelity-agree", type=float, default=0.9,
+                   help="fidelity: least share of the full answer's tokens that stay the argmax")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_search)
@@ -267,9 +356,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train routers on search targets (teacher forcing, focal loss)")
     add_model_args(p)
     p.add_argument("--search", action="append", required=True, help="search JSONL (repeatable; shards merge)")
-    p.add_argument("--task", default=None)
-    p.add_argument("--data", action="append", required=True, help="the sources the search ran on (KIND:PATH)")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--task-filter", action="append", default=None,
+                   help="train only on records whose task starts with this (repeatable)")
     p.add_argument("--out", required=True, help="router checkpoint directory")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
@@ -281,23 +369,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--bottleneck", type=int, default=128)
-    p.add_argument("--prompt-format", choices=("plain", "chat"), default="plain")
     p.add_argument("--default", action="store_true", help="mark as the default checkpoint for this base model")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="base vs routed accuracy at budgets, with static and random baselines")
+    p = sub.add_parser("eval", help="full vs routed accuracy and fidelity at budgets, with static and random "
+                       "baselines, 95 % intervals -> report.json, report.md, plots")
     add_model_args(p)
+    add_item_args(p)
     p.add_argument("--routers", required=True, help="router checkpoint dir or 'default'")
-    p.add_argument("--task", default=None)
-    p.add_argument("--data", action="append", required=True, help="KIND:PATH or PATH with --task (repeatable)")
     p.add_argument("--budget", action="append", default=None,
                    help="max executions as a fraction of L, or 'none' (repeatable; default: none)")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--argmax", action="store_true", help="ignore the checkpoint's guard (plain argmax routing)")
+    p.add_argument("--split", choices=("train", "calib", "heldout"), default="heldout",
+                   help="which split of the fidelity prompts to evaluate")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-format", choices=("plain", "chat"), default="plain")
+    p.add_argument("--rows", type=int, default=32, help="executor rows per scoring forward")
+    p.add_argument("--batch", type=int, default=16, help="prompts per routing prefill / generation batch")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("calibrate", help="choose the routers' guard threshold and budget rule on calibration "
+                       "data and store them in router.json")
+    add_model_args(p)
+    add_item_args(p)
+    p.add_argument("--routers", required=True, help="router checkpoint dir")
+    p.add_argument("--split", choices=("train", "calib", "heldout"), default="calib")
+    p.add_argument("--threshold", type=float, action="append", default=None,
+                   help="candidate skip thresholds (repeatable; default 0.5 0.6 0.7 0.8 0.9 0.95)")
+    p.add_argument("--repeat-threshold", type=float, default=0.9)
+    p.add_argument("--at-budget", type=float, default=0.8, help="budget at which the budget rules are compared")
+    p.add_argument("--max-acc-drop", type=float, default=0.5, help="points of multiple-choice accuracy")
+    p.add_argument("--max-garbled", type=float, default=5.0, help="percent of fidelity answers")
+    p.add_argument("--max-fid-drop", type=float, default=0.3, help="nats/token of mean fidelity")
+    p.add_argument("--write", action="store_true", help="store the chosen policy in the checkpoint")
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_calibrate)

@@ -113,13 +113,17 @@ def class_metrics(preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]
     return out
 
 
-def train_routers(f: Features, config: RouterConfig, cfg: TrainConfig, progress: bool = True) -> tuple[
-        Routers, dict[str, object]]:
+def train_routers(f: Features, config: RouterConfig, cfg: TrainConfig, progress: bool = True,
+                  device: str | torch.device = "cpu") -> tuple[Routers, dict[str, object]]:
+    """Train routers on precomputed features (on `device`); the best epoch by validation loss is kept.
+    Returns the routers (on `device`, eval mode) and the training history."""
     torch.manual_seed(cfg.seed)
-    routers = Routers(config)
+    dev = torch.device(device)
+    f = Features(f.pooled.to(dev), f.valid.to(dev), f.labels.to(dev))
+    routers = Routers(config).to(dev)
     tr, va = split_indices(len(f.labels), cfg.val_fraction, cfg.seed)
-    tr_t, va_t = torch.tensor(tr), torch.tensor(va)
-    label_counts = torch.bincount(f.labels[tr_t].flatten(), minlength=3)
+    tr_t, va_t = torch.tensor(tr, device=dev), torch.tensor(va, device=dev)
+    label_counts = torch.bincount(f.labels[tr_t].flatten(), minlength=3).cpu()
     weight = effective_number_weights(label_counts, cfg.beta)
     opt = torch.optim.AdamW(routers.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(tr) / cfg.batch_size))
@@ -138,7 +142,7 @@ def train_routers(f: Features, config: RouterConfig, cfg: TrainConfig, progress:
         it = bar
     for epoch in it:
         routers.train()
-        perm = tr_t[torch.randperm(len(tr), generator=gen)]
+        perm = tr_t[torch.randperm(len(tr), generator=gen).to(dev)]
         tot, preds_all, labels_all = 0.0, [], []
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
