@@ -215,3 +215,11 @@ def test_wilson_interval() -> None:
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(40.4, abs=0.1) and hi == pytest.approx(59.6, abs=0.1)
     assert wilson(0, 0) == (0.0, 0.0) and math.isclose(wilson(10, 10)[1], 100.0)
+
+
+def test_search_order_ranks_blocks_by_how_often_they_were_skippable() -> None:
+    from routing.offline.evaluate import search_order
+
+    recs = [{"target": [1, 0, 1, 0]}, {"target": [1, 0, 0, 1]}, {"target": [0, 0, 1, 1]}]
+    order, share = search_order(recs)
+    assert order == [1, 0, 2, 3] and share == pytest.approx([1 / 3, 1.0, 1 / 3, 1 / 3])

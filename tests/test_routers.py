@@ -16,7 +16,14 @@ from routing.generation import BatchGenerator, GenerationRequest
 from routing.plan import LayerPlan
 from routing.planner import PlanRequest
 from routing.router_net import RouterConfig, Routers, window_pool
-from routing.routers import RouterCheckpointError, RouterPlanner, apply_budget, load_routers, save_routers
+from routing.routers import (
+    RouterCheckpointError,
+    RouterPlanner,
+    RoutingPolicy,
+    apply_budget,
+    load_routers,
+    save_routers,
+)
 from routing.sampling import SamplingParams
 
 
@@ -200,6 +207,19 @@ def test_checkpoint_round_trip(tmp_path) -> None:
     meta = json.loads((tmp_path / "ck" / "router.json").read_text())
     assert meta["base_model"]["n_layers"] == 6 and meta["base_model"]["fingerprint"] == model.fingerprint
     assert meta["router"] == {"window": 8, "bottleneck": 128, "classes": ["skip", "execute", "repeat"]}
+    assert back.policy == RoutingPolicy()  # no policy stored: plain argmax routing
+
+
+def test_checkpoint_keeps_the_calibrated_policy(tmp_path) -> None:
+    from routing.checkpoint import update_meta
+
+    model = tiny_model("llama")
+    policy = RoutingPolicy(0.8, 0.95, "static", (3, 1, 0, 2, 4, 5))
+    save_routers(tmp_path / "ck", random_routers(model, 2), model, policy=policy.to_dict())
+    assert load_routers(tmp_path / "ck", model).policy == policy
+    update_meta(tmp_path / "ck", policy=RoutingPolicy(0.6).to_dict())
+    back = load_routers(tmp_path / "ck", model)  # the tensors' sha256 still matches
+    assert back.policy == RoutingPolicy(0.6) and RouterPlanner(back).policy == RoutingPolicy(0.6)
 
 
 def test_default_resolves_by_fingerprint(tmp_path, monkeypatch) -> None:
@@ -213,7 +233,7 @@ def test_default_resolves_by_fingerprint(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("case", ["other_layers", "other_width", "other_weights", "version", "no_tensors",
-                                  "no_meta", "corrupt_tensors", "corrupt_json", "missing_dir"])
+                                  "no_meta", "corrupt_tensors", "corrupt_json", "missing_dir", "bad_policy"])
 def test_checkpoint_refusals(tmp_path, case: str) -> None:
     model = tiny_model("llama")
     d = tmp_path / "ck"
@@ -236,6 +256,8 @@ def test_checkpoint_refusals(tmp_path, case: str) -> None:
         (d / "routers.safetensors").write_bytes(data[: len(data) // 2])
     elif case == "missing_dir":
         d = tmp_path / "nowhere"
+    elif case == "bad_policy":
+        meta["policy"] = {"skip_threshold": 3.0}
     if case not in ("no_meta", "missing_dir"):
         (d / "router.json").write_text("{not json" if case == "corrupt_json" else json.dumps(meta))
     with pytest.raises(RouterCheckpointError) as e:

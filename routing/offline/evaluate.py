@@ -138,13 +138,18 @@ class Evaluator:
             out[i] = mean_logprob(e, s) - mean_logprob(items[i].enc, f)
         return out
 
-    def importance(self, items: Sequence[Item], norm: bool = False) -> list[float]:
+    def importance(self, items: Sequence[Item], norm: bool = False, progress: bool = False) -> list[float]:
         """Per block: how much its single removal hurts on `items` (mean drop of the gold choice's
         log-probability among the choices for multiple choice, of the full answer's mean log-probability
         per token for fidelity and short answers), nats; larger = more important."""
         full = self.scores(items, [self.full] * len(items))
         drops = []
-        for layer in range(self.L):
+        layers: Sequence[int] = range(self.L)
+        if progress:
+            from tqdm import tqdm
+
+            layers = tqdm(layers, desc="single-block removal", unit="block")
+        for layer in layers:
             plan = tuple(0 if i == layer else 1 for i in range(self.L))
             got = self.scores(items, [plan] * len(items))
             drops.append(sum(_quality(it, f, norm) - _quality(it, s, norm)
@@ -196,8 +201,9 @@ class Arm:
 
 def evaluate_group(ev: Evaluator, routers: Routers, policy: RoutingPolicy, items: list[Item],
                    budgets: list[float | None], static_order: Sequence[int], seed: int = 0,
-                   norm: bool = False) -> dict[str, object]:
-    """Base, routed (per budget), static and random arms on one group of items (one task)."""
+                   norm: bool = False, baseline_budgets: Sequence[float | None] | None = None) -> dict[str, object]:
+    """Base, routed (per budget), static and random arms on one group of items (one task); the baseline
+    arms only at `baseline_budgets` (default: every budget)."""
     L = ev.L
     rng = random.Random(seed)
     is_fid = items[0].enc.kind == "fidelity"
@@ -215,10 +221,12 @@ def evaluate_group(ev: Evaluator, routers: Routers, policy: RoutingPolicy, items
     for b in budgets:
         routed = score(Arm("routed", ev.route(routers, policy, items, b)))
         k = round(L - sum(sum(p) for p in routed.plans) / len(items))
-        static = score(Arm("static", [static_plan(static_order, k, L)] * len(items)))
-        rand = score(Arm("random", [random_plan(sum(p), L, rng) for p in routed.plans]))
+        arms = [routed]
+        if baseline_budgets is None or b in baseline_budgets:
+            arms.append(score(Arm("static", [static_plan(static_order, k, L)] * len(items))))
+            arms.append(score(Arm("random", [random_plan(sum(p), L, rng) for p in routed.plans])))
         rows.append({"budget": b, "static_pruned_blocks": max(0, k),
-                     **{a.name: a.summary(L, base.correct) for a in (routed, static, rand)},
+                     **{a.name: a.summary(L, base.correct) for a in arms},
                      "decision_shares": decision_shares(routed.plans, L)})
     out: dict[str, object] = {"task": group_name(items[0].task), "n": len(items), "kind": items[0].enc.kind,
                               "L": L, "base": base.summary(L, None), "budgets": rows}
@@ -229,7 +237,8 @@ def evaluate_group(ev: Evaluator, routers: Routers, policy: RoutingPolicy, items
 
 def evaluate(ev: Evaluator, routers: Routers, policy: RoutingPolicy, items: list[Item],
              budgets: list[float | None], static_order: Sequence[int] | None = None, seed: int = 0,
-             norm: bool = False, progress: bool = True) -> list[dict[str, object]]:
+             norm: bool = False, progress: bool = True,
+             baseline_budgets: Sequence[float | None] | None = None) -> list[dict[str, object]]:
     """`evaluate_group` per task group; the static order defaults to the policy's budget order, else
     the single-removal importance measured on the items themselves."""
     groups: dict[str, list[Item]] = {}
@@ -237,22 +246,24 @@ def evaluate(ev: Evaluator, routers: Routers, policy: RoutingPolicy, items: list
         groups.setdefault(group_name(it.task), []).append(it)
     order = list(static_order or policy.budget_order)
     if not order:
-        imp = ev.importance(items, norm)
+        imp = ev.importance(items, norm, progress)
         order = sorted(range(ev.L), key=lambda i: imp[i])
     names = list(groups)
     if progress:
         from tqdm import tqdm
 
         names = tqdm(names, desc="eval", unit="task")
-    return [evaluate_group(ev, routers, policy, groups[g], budgets, order, seed, norm) for g in names]
+    return [evaluate_group(ev, routers, policy, groups[g], budgets, order, seed, norm, baseline_budgets)
+            for g in names]
 
 
 def calibrate(ev: Evaluator, routers: Routers, items: list[Item], thresholds: Sequence[float],
               repeat_threshold: float | None = 0.9, budget: float = 0.8, max_acc_drop: float = 0.5,
               max_garbled: float = 5.0, max_fid_drop: float = 0.3, norm: bool = False,
-              progress: bool = True) -> tuple[RoutingPolicy, dict[str, object]]:
+              progress: bool = True, order: Sequence[int] | None = None) -> tuple[RoutingPolicy, dict[str, object]]:
     """Choose the routing policy on calibration `items` (multiple choice and fidelity):
-    1. the static order: blocks sorted by single-removal importance (least first);
+    1. the static order: blocks sorted by single-removal importance on the multiple-choice items (least first),
+       unless `order` is given (e.g. `search_order` of the search records);
     2. the guard: the skip threshold (from `thresholds`) whose routed plans save the most executions while
        multiple-choice accuracy stays within `max_acc_drop` points of full depth, fidelity garbles at most
        `max_garbled` % and the mean fidelity difference is above -`max_fid_drop` (nats/token); if none
@@ -261,8 +272,11 @@ def calibrate(ev: Evaluator, routers: Routers, items: list[Item], thresholds: Se
        (ties: fewer garbled fidelity answers, then static)."""
     mc = [it for it in items if it.enc.is_mc]
     fid = [it for it in items if it.enc.kind == "fidelity"]
-    imp = ev.importance(items, norm)
-    order = tuple(sorted(range(ev.L), key=lambda i: imp[i]))
+    imp: list[float] | None = None
+    if order is None:
+        imp = ev.importance(mc or items, norm, progress)  # multiple choice alone when there is some: cheaper
+        order = sorted(range(ev.L), key=lambda i: imp[i])
+    order = tuple(order)
     base_mc = [is_correct(it.enc, s, norm) for it, s in zip(mc, ev.scores(mc, [ev.full] * len(mc)), strict=True)]
     base_acc = 100 * sum(base_mc) / max(1, len(mc))
 
@@ -311,6 +325,14 @@ def calibrate(ev: Evaluator, routers: Routers, items: list[Item], thresholds: Se
     return policy, report
 
 
+def search_order(records: Sequence[dict]) -> tuple[list[int], list[float]]:
+    """A static order from search records: blocks sorted by how often the search found them skippable
+    (the share of targets that skip them), most often first. -> (order, skip shares)."""
+    L = len(records[0]["target"])
+    share = [sum(r["target"][i] == 0 for r in records) / len(records) for i in range(L)]
+    return sorted(range(L), key=lambda i: (-share[i], i)), share
+
+
 def _fmt_acc(a: dict) -> str:
     lo, hi = a["ci95"]
     return f"{a['accuracy']:.1f} [{lo:.0f}–{hi:.0f}]"
@@ -330,11 +352,12 @@ def write_report(out: Path, results: list[dict[str, object]], meta: dict[str, ob
         if r["kind"] == "fidelity":
             continue
         for b in r["budgets"]:  # type: ignore[union-attr]
-            ro, st, ra = b["routed"], b["static"], b["random"]
+            ro = b["routed"]
+            st = f"{_fmt_acc(b['static'])} ({b['static_pruned_blocks']} pruned)" if "static" in b else "—"
+            ra = _fmt_acc(b["random"]) if "random" in b else "—"
             lines.append(f"| {r['task']} | {r['n']} | {r.get('chance', 0):.1f} | {b['budget'] or 'none'} | "
                          f"{_fmt_acc(r['base'])} | {_fmt_acc(ro)} | +{ro['wins']}/−{ro['losses']} | "
-                         f"{ro['mean_executions']:.2f} | {_fmt_acc(st)} ({b['static_pruned_blocks']} pruned) | "
-                         f"{_fmt_acc(ra)} |")
+                         f"{ro['mean_executions']:.2f} | {st} | {ra} |")
     lines += ["", f"Accuracy in % with its 95 % Wilson interval; W/L: examples routed right and full wrong / "
               f"the reverse. exec: mean block executions of L = {L} (a repeat counts 2). Static: the same "
               "number of blocks dropped for every prompt, least important first (single-removal order); "
@@ -346,6 +369,8 @@ def write_report(out: Path, results: list[dict[str, object]], meta: dict[str, ob
             continue
         for b in r["budgets"]:  # type: ignore[union-attr]
             for arm in ("routed", "static", "random"):
+                if arm not in b:
+                    continue
                 a = b[arm]
                 lines.append(f"| {r['task']} | {r['n']} | {b['budget'] or 'none'} | {arm} | "
                              f"{a['fidelity_delta']:+.3f} | {a['garbled']:.1f} % | {a['mean_executions']:.2f} |")
@@ -369,10 +394,11 @@ def plot(out: Path, results: list[dict[str, object]]) -> None:
             ax.errorbar([L], [base["accuracy"]], yerr=[[base["accuracy"] - base["ci95"][0]],
                         [base["ci95"][1] - base["accuracy"]]], fmt="*", ms=11, color="k", capsize=3, label="full")
             for arm, style in (("routed", "o-"), ("static", "s--"), ("random", "^:")):
-                xs = [b[arm]["mean_executions"] for b in r["budgets"]]
-                ys = [b[arm]["accuracy"] for b in r["budgets"]]
-                lo = [y - b[arm]["ci95"][0] for y, b in zip(ys, r["budgets"], strict=True)]
-                hi = [b[arm]["ci95"][1] - y for y, b in zip(ys, r["budgets"], strict=True)]
+                bs = [b for b in r["budgets"] if arm in b]
+                xs = [b[arm]["mean_executions"] for b in bs]
+                ys = [b[arm]["accuracy"] for b in bs]
+                lo = [y - b[arm]["ci95"][0] for y, b in zip(ys, bs, strict=True)]
+                hi = [b[arm]["ci95"][1] - y for y, b in zip(ys, bs, strict=True)]
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3, label=arm, alpha=0.85)
             ax.set_ylim(0, 100)
             ax.set_title(f"{r['task']} (n={r['n']}), 95 % CI")
@@ -387,8 +413,8 @@ def plot(out: Path, results: list[dict[str, object]]) -> None:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for r in fids:
             for arm, style in (("routed", "o-"), ("static", "s--"), ("random", "^:")):
-                ax.plot([b[arm]["mean_executions"] for b in r["budgets"]], [b[arm]["garbled"] for b in r["budgets"]],
-                        style, label=arm)
+                bs = [b for b in r["budgets"] if arm in b]
+                ax.plot([b[arm]["mean_executions"] for b in bs], [b[arm]["garbled"] for b in bs], style, label=arm)
         ax.axhline(5, color="grey", ls=":", lw=1, label="target ≤ 5 %")
         ax.set_ylim(0, 100)
         ax.set_xlabel("mean block executions")

@@ -66,7 +66,7 @@ def _items_for(args: argparse.Namespace, model, split: str | None):  # -> list[I
         examples = [e for e in examples if task_split(e.question) == split]
     items = task_items(examples, model.tokenizer, args.prompt_format, args.scoring)
     if getattr(args, "fidelity", None):
-        prompts = fidelity_prompts(args.fidelity, split, args.limit)
+        prompts = fidelity_prompts(args.fidelity, split, args.fidelity_limit or args.limit)
         answers = Path(args.answers) if args.answers else None
         items += fidelity_items(model, prompts, answers, args.max_new_tokens, args.gen_batch)
     return items
@@ -229,7 +229,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         policy = RoutingPolicy(budget_rule=policy.budget_rule, budget_order=policy.budget_order)
     items = _items_for(args, model, args.split)
     ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens)
-    results = evaluate(ev, routers, policy, items, budgets, seed=args.seed, norm=args.norm)
+    base_b = None if args.baselines_at is None else [None if b == "none" else float(b) for b in args.baselines_at]
+    results = evaluate(ev, routers, policy, items, budgets, seed=args.seed, norm=args.norm,
+                       baseline_budgets=base_b)
     for r in results:
         print(json.dumps({"task": r["task"], "n": r["n"], "base": r["base"],
                           "budgets": [{k: v for k, v in b.items() if k != "decision_shares"} for b in r["budgets"]]}))
@@ -244,16 +246,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from ..checkpoint import update_meta
     from ..routers import load_routers
-    from .evaluate import Evaluator, calibrate
+    from .evaluate import Evaluator, calibrate, search_order
 
     model = _setup(args)
     routers = load_routers(args.routers, model)
     items = _items_for(args, model, args.split)
     ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens)
+    order = search_order(list(read_records(args.order_from).values()))[0] if args.order_from else None
     policy, report = calibrate(ev, routers, items, args.threshold or [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
                                repeat_threshold=args.repeat_threshold, budget=args.at_budget,
                                max_acc_drop=args.max_acc_drop, max_garbled=args.max_garbled,
-                               max_fid_drop=args.max_fid_drop, norm=args.norm)
+                               max_fid_drop=args.max_fid_drop, norm=args.norm, order=order)
     report["argv"] = sys.argv[1:]
     if args.write:
         update_meta(Path(args.routers), policy=policy.to_dict(), calibration=report)
@@ -302,6 +305,7 @@ def add_item_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48, help="length of the fidelity answers")
     p.add_argument("--gen-batch", type=int, default=16, help="rows per batch when generating answers")
     p.add_argument("--limit", type=int, default=None, help="examples per source")
+    p.add_argument("--fidelity-limit", type=int, default=None, help="fidelity prompts per source (default: --limit)")
     p.add_argument("--scoring", choices=("ll", "letter"), default="ll",
                    help="multiple choice by log-likelihood of each choice (default) or by the label's logit")
     p.add_argument("--norm", action="store_true", help="multiple choice by acc_norm (per character) not acc")
@@ -382,6 +386,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", action="append", default=None,
                    help="max executions as a fraction of L, or 'none' (repeatable; default: none)")
     p.add_argument("--argmax", action="store_true", help="ignore the checkpoint's guard (plain argmax routing)")
+    p.add_argument("--baselines-at", action="append", default=None,
+                   help="budgets at which the static and random baselines run (repeatable; default: all)")
     p.add_argument("--split", choices=("train", "calib", "heldout"), default="heldout",
                    help="which split of the fidelity prompts to evaluate")
     p.add_argument("--out", required=True, help="report directory")
@@ -405,6 +411,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-garbled", type=float, default=5.0, help="percent of fidelity answers")
     p.add_argument("--max-fid-drop", type=float, default=0.3, help="nats/token of mean fidelity")
     p.add_argument("--write", action="store_true", help="store the chosen policy in the checkpoint")
+    p.add_argument("--order-from", action="append", default=None,
+                   help="take the static order from these search JSONL files (how often each block was "
+                   "skippable) instead of measuring single-block removal")
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
