@@ -9,7 +9,9 @@
 # Env: DRLLM (the drllm command; default `.venv/bin/drllm`, or `python3 -m server.cli`), SIMS (plan
 # evaluations per example, default 48), ROWS (executor rows per forward, default 1024), GROUP (examples
 # searched in lockstep, default 512), STAGES (default "search train calibrate eval"), VARIANTS (router
-# training variants, default "cw uniform": effective-number class weights, or uniform ones).
+# training variants, default "cw": effective-number class weights; "uniform": uniform ones).
+# Measured on one H200 (float32 with TF32 matmuls): the search of 6,787 examples x 40 plan evaluations
+# took 287 s (947 plan evaluations/s, 42 s per 1,000 examples).
 set -uo pipefail
 RUN=${1:?usage: gpu_pipeline.sh RUN_DIR [ARC_DIR]}
 ARC=${2:-../shared/data/arc}
@@ -19,7 +21,7 @@ SIMS=${SIMS:-48}
 ROWS=${ROWS:-1024}
 GROUP=${GROUP:-512}
 STAGES=${STAGES:-search train calibrate eval}
-VARIANTS=${VARIANTS:-cw uniform}
+VARIANTS=${VARIANTS:-cw}
 MATH_TRAIN="math:levels=1-5,n=200,split=train,seed=0"
 MATH_FID="math:levels=1-5,n=60,split=train,seed=0"
 COMMON=(--device "$DEV" --dtype float32 --threads 8)
@@ -41,13 +43,15 @@ for V in $VARIANTS; do
   if has train; then
     beta=0.999; [ "$V" = uniform ] && beta=0
     stamp "train $V"
-    $DRLLM train "${COMMON[@]}" --search "$RUN/search.jsonl" --beta "$beta" --epochs 20 --out "$CK" --default
+    $DRLLM train "${COMMON[@]}" --search "$RUN/search.jsonl" --beta "$beta" --epochs 5 --batch-size 256 --lr 3e-3 \
+      --out "$CK" --default
   fi
   if has calibrate; then
     stamp "calibrate $V"
     $DRLLM calibrate "${COMMON[@]}" --routers "$CK" --data "arc:$ARC/ARC-Easy-Train.jsonl" \
       --data "arc:$ARC/ARC-Challenge-Train.jsonl" --fidelity everyday --fidelity "arc:$ARC/ARC-Easy-Train.jsonl" \
       --fidelity "$MATH_FID" --split calib --answers "$RUN/answers-calib.jsonl" --rows "$ROWS" --batch 256 \
+      --order-from "$RUN/search.jsonl" \
       --gen-batch 256 --threshold 0.4 --threshold 0.5 --threshold 0.6 --threshold 0.7 --threshold 0.8 \
       --threshold 0.9 --threshold 0.95 --write > "$RUN/calibrate-$V.json"
   fi
