@@ -80,8 +80,9 @@ def test_shared_slot_for_a_repeat_would_be_wrong() -> None:
     model = tiny_model("llama")
     ex = RoutedExecutor(model)
     ex.forward(torch.randint(0, 96, (1, 6)), zeros(1), plans=torch.tensor([[2, 1, 1, 1, 1, 1]]))
-    assert not torch.allclose(ex.cache.k[0][:, :, :6], ex.cache.k[1][:, :, :6])
-    assert 2 in ex.cache.k and 3 not in ex.cache.k  # block 1 runs once: it owns slot 2 only
+    rows = slice(0, 1)
+    assert not torch.allclose(ex.cache.read(0, 0, rows, 6)[0], ex.cache.read(0, 1, rows, 6)[0])
+    assert ex.cache.has_slot(1) and not ex.cache.has_slot(3)  # block 1 runs once: no repeat slot
 
 
 @pytest.mark.parametrize("arch", ARCHS)
