@@ -51,12 +51,17 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+# wall time by default; `--clock cpu` counts this process's CPU time instead (with --threads 1 on a shared
+# machine it measures the work done, not the time spent waiting for a core)
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
+
+
 def _timed(fn: Callable[[], None]) -> float:
     _sync()
-    t = time.perf_counter()
+    t = CLOCK[0]()
     fn()
     _sync()
-    return time.perf_counter() - t
+    return CLOCK[0]() - t
 
 
 def greedy(model: BaseModel, prompts: tuple[str, ...], new_tokens: int) -> list[list[int]]:
@@ -112,9 +117,9 @@ def router_overhead(model: BaseModel, ids: list[int], rounds: int) -> tuple[floa
     inner = routers.layer_logits
 
     def timed_logits(layer: int, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        t = time.perf_counter()
+        t = CLOCK[0]()
         out = inner(layer, hidden, lengths)
-        spent[0] += time.perf_counter() - t
+        spent[0] += CLOCK[0]() - t
         return out
 
     routers.layer_logits = timed_logits  # type: ignore[method-assign]
@@ -134,6 +139,7 @@ def router_overhead(model: BaseModel, ids: list[int], rounds: int) -> tuple[floa
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     model = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
     ref_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
     reference = load_model(args.model, device=model.device, dtype=ref_dtype)  # transformers' own layout
@@ -145,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     block = sum(p.numel() for p in model.layers[0].parameters())
     head = model.hf.lm_head.weight.numel()
     print(f"model {model.name} ({L} layers) on {model.device}, {model.dtype}, quantization "
-          f"{model.quantization}; transformers baseline in {reference.dtype}; torch threads "
+          f"{model.quantization}; transformers baseline in {reference.dtype}; {args.clock} clock; torch threads "
           f"{torch.get_num_threads()}; prompt {len(ids)} tokens; {args.new_tokens} new tokens; "
           f"median of {args.rounds} interleaved rounds")
     first_full_tps: list[float] = []  # batch-1 decode tokens/s of the full plan
@@ -195,6 +201,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or process CPU time (use with --threads 1 on a busy machine)")
     p.add_argument("--llamacpp-tps", type=float, default=0.0,
                    help="llama.cpp's batch-1 decode tokens/s measured on this machine, to print the ratio")
     p.set_defaults(func=run)
