@@ -156,3 +156,24 @@ def test_bfloat16_executor_matches_transformers_in_bfloat16() -> None:
                                                      plans=torch.ones(2, 6, dtype=torch.long), all_logits=True)
     assert out.logits.dtype == torch.bfloat16
     torch.testing.assert_close(out.logits.float(), ref, atol=6e-2, rtol=0)
+
+
+def test_router_layer_logits_equal_the_router_modules_and_follow_weight_updates() -> None:
+    from routing.router_net import RouterConfig, Routers, window_pool
+
+    torch.manual_seed(0)
+    r = Routers(RouterConfig(n_layers=3, hidden_size=32, bottleneck=16)).eval()
+    for b, lengths in ((1, [13]), (3, [13, 5, 1])):
+        h = torch.randn(b, 13, 32)
+        lens = torch.tensor(lengths)
+        for layer in range(3):
+            pooled, valid = window_pool(h, lens, 8)
+            with torch.no_grad():
+                ref = r.layers[layer](pooled, valid)
+            torch.testing.assert_close(r.layer_logits(layer, h, lens), ref, atol=1e-5, rtol=0)
+    with torch.no_grad():  # an optimizer step updates weights in place: the transposed copies follow
+        r.layers[1].fc1.weight.mul_(2)
+        r.layers[1].fc2.weight.add_(1)
+        pooled, valid = window_pool(h, lens, 8)
+        ref = r.layers[1](pooled, valid)
+    torch.testing.assert_close(r.layer_logits(1, h, lens), ref, atol=1e-5, rtol=0)
