@@ -148,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     plans = {"full": LayerPlan.full(L), f"{round(L * 0.8)}/{L}": spread_plan(L, round(L * 0.8)),
              f"{round(L * 0.6)}/{L}": spread_plan(L, round(L * 0.6))}
     # the LM head's cost does not shrink with skipped blocks: 'ideal+head' counts its weights too
-    block = sum(p.numel() for p in model.layers[0].parameters())
-    head = model.hf.lm_head.weight.numel()
+    block = sum(t.numel() for t in (*model.layers[0].parameters(), *model.layers[0].buffers()))
+    head = model.hf.lm_head.weight.numel()  # int8 modules keep weights as buffers: counted the same
     print(f"model {model.name} ({L} layers) on {model.device}, {model.dtype}, quantization "
           f"{model.quantization}; transformers baseline in {reference.dtype}; {args.clock} clock; torch threads "
           f"{torch.get_num_threads()}; prompt {len(ids)} tokens; {args.new_tokens} new tokens; "
