@@ -99,9 +99,10 @@ class SlotKVCache:
         """Copy rows src[i] into rows dst[i] (src, dst: [k] long) in every slot, one indexed copy per slot
         (the offline scorer shares one prompt prefill among several continuations this way)."""
         src, dst = src.to(self.device), dst.to(self.device)
-        for store in (self.k, self.v):
-            for t in store.values():
-                t[dst] = t[src]
+        if self.primary is not None:
+            self.primary[:, dst] = self.primary[:, src]
+        for t in self.repeats.values():
+            t[dst] = t[src]
 
     def clear(self) -> None:
         self.primary = None

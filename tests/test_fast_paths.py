@@ -177,3 +177,16 @@ def test_router_layer_logits_equal_the_router_modules_and_follow_weight_updates(
         pooled, valid = window_pool(h, lens, 8)
         ref = r.layers[1](pooled, valid)
     torch.testing.assert_close(r.layer_logits(1, h, lens), ref, atol=1e-5, rtol=0)
+
+
+def test_copy_rows_copies_every_slot() -> None:
+    model = tiny_model("qwen2")
+    ex = RoutedExecutor(model, max_batch=4)
+    plans = torch.tensor([[1, 2, 0, 1, 1, 1]] * 2)
+    ex.forward(torch.randint(0, 96, (2, 5)), torch.zeros(2, dtype=torch.long), plans=plans)
+    ex.cache.copy_rows(torch.tensor([0, 1]), torch.tensor([3, 2]))
+    for layer, r in ((0, 0), (1, 1), (5, 0)):
+        for s, d in ((0, 3), (1, 2)):
+            for a, b in zip(ex.cache.read(layer, r, slice(s, s + 1), 5), ex.cache.read(layer, r, slice(d, d + 1), 5),
+                            strict=True):
+                assert torch.equal(a, b)
