@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 QUANTIZATIONS = ("none", "int8")
+DEQUANT_ROWS = 32  # from this many rows per matmul on, dequantize and use the float matmul
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +33,11 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     """x [..., in] @ (qweight [out, in] int8 * scale [out])^T + bias -> [..., out] in x's dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.device.type == "cpu":
+    if x2.shape[0] >= DEQUANT_ROWS:
+        # prefill: compute-bound, where the int8 kernel is slow; a dequantized copy costs one pass over the
+        # weight and the float matmul is fast
+        out = F.linear(x2, qweight.to(x.dtype) * scale.to(x.dtype)[:, None])
+    elif x2.device.type == "cpu":
         act = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
         out = torch.ops.aten._weight_int8pack_mm(act.contiguous(), qweight, scale.to(act.dtype))
         out = out.to(x.dtype)

@@ -118,6 +118,9 @@ def test_int8_linear_matches_its_dequantized_weights() -> None:
     torch.testing.assert_close(q(x), ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
     torch.testing.assert_close(int8_linear(x.bfloat16(), q.weight, q.scale, q.bias).float(), ref,
                                atol=3e-2 * ref.abs().max().item(), rtol=0)
+    many = torch.randn(40, 64)  # prefill-sized: the dequantized float path
+    ref = F.linear(many, q.weight.float() * q.scale[:, None], lin.bias)
+    torch.testing.assert_close(q(many), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the int8 kernel is CPU-only")
