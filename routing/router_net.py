@@ -73,36 +73,15 @@ class Routers(nn.Module):
         )
 
     def layer_logits(self, layer: int, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """hidden [b, n, d] entering block `layer` -> decision logits [b, 3] (float32).
-
-        The same function as `Router.forward(window_pool(...))`, in five kernels: the pooling weights are
-        one precomputed matrix for the whole prefill (a matmul), and fc1/fc2 run as addmm on transposed
-        weight copies, which MKL runs faster for a handful of rows (see routing.fused)."""
+        """hidden [b, n, d] entering block `layer` -> decision logits [b, 3] (float32)."""
         router = self.layers[layer]
         dev = router.fc1.weight.device
         weights, avg = self._weights(lengths, hidden.shape[1], dev)
-        w1t, w2t = self._transposed(layer)
-        b, W = weights.shape[0], weights.shape[1]
-        pooled = torch.bmm(weights, hidden.to(dev, torch.float32)) if b > 1 else \
-            torch.mm(weights[0], hidden[0].to(dev, torch.float32))[None]  # [b, W, d]
-        g = router.act(torch.addmm(router.fc1.bias, pooled.view(b * W, -1), w1t)).view(b, W, -1)
-        mean = torch.bmm(avg.unsqueeze(1), g).squeeze(1)  # [b, k]: fc2 is affine, so mean before fc2
-        return torch.addmm(router.fc2.bias, mean, w2t)
-
-    def _transposed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # contiguous fc1.weight^T and fc2.weight^T, refreshed whenever training updates the weights
-        router = self.layers[layer]
-        w1, w2 = router.fc1.weight, router.fc2.weight
-        key = (w1.data_ptr(), w1._version, w2.data_ptr(), w2._version)
-        cache: dict[int, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = self.__dict__.setdefault("_wt", {})
-        hit = cache.get(layer)
-        if hit is None or hit[0] != key:
-            hit = cache[layer] = (key, w1.detach().t().contiguous(), w2.detach().t().contiguous())
-        return hit[1], hit[2]
+        return router.averaged(weights @ hidden.to(dev, torch.float32), avg)
 
     def _weights(self, lengths: torch.Tensor, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # every layer of one prefill pools the same tokens: build the weights once
-        key = (lengths.numpy().tobytes() if lengths.device.type == "cpu" else tuple(lengths.tolist()), n, device)
+        key = (tuple(lengths.tolist()), n, device)
         if getattr(self, "_pool_key", None) != key:
             self._pool_key = key
             weights, valid = pooling_weights(lengths, n, self.config.window, torch.float32, device)
