@@ -4,7 +4,7 @@
 # bfloat16 and float32 — and one summary table at the end. Every stage runs even if an earlier one failed;
 # everything is tee'd to $OUT/gpu_check.log (OUT defaults to ./gpu_check_out). Needs only python3 with torch
 # and transformers (no network, no server packages; pytest and hypothesis are used when present).
-# Budget: under 4 minutes in all (each stage has its own timeout).
+# Budget: under 4 minutes in all (the stages' timeouts add up to 240 s).
 #
 #   OUT=/some/dir bash bench/gpu_check.sh
 set -u
@@ -17,7 +17,8 @@ PY=${PYTHON:-python3}
 MODEL=${MODEL:-weights/base/SmolLM2-135M-Instruct}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu only to try the script itself
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1  # unbuffered: a stage killed by its timeout
+# still leaves what it printed
 SUMMARY=()
 T_START=$(date +%s)
 
@@ -36,7 +37,7 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
 
 have() { $PY -c "import $1" >/dev/null 2>&1; }
 
-stage env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY - <<'EOF'
+stage env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY - <<'EOF'
 import platform, torch, transformers
 print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
       'transformers', transformers.__version__)
@@ -54,20 +55,20 @@ ls -la $MODEL 2>&1 | head -5"
 TESTS="tests/test_executor.py tests/test_fast_paths.py"
 have hypothesis && TESTS="$TESTS tests/test_routers.py"
 if have pytest; then
-  stage pytest-$DEVICE-float32 70 env DRLLM_TEST_DEVICE=$DEVICE DRLLM_TEST_DTYPE=float32 \
-    $PY -m pytest -q -p no:cacheprovider -x $TESTS
-  stage pytest-$DEVICE-bfloat16 45 env DRLLM_TEST_DEVICE=$DEVICE DRLLM_TEST_DTYPE=bfloat16 \
-    $PY -m pytest -q -p no:cacheprovider tests/test_executor.py tests/test_fast_paths.py
+  stage pytest-$DEVICE-float32 60 env DRLLM_TEST_DEVICE=$DEVICE DRLLM_TEST_DTYPE=float32 \
+    $PY -m pytest -p no:cacheprovider -x $TESTS
+  stage pytest-$DEVICE-bfloat16 40 env DRLLM_TEST_DEVICE=$DEVICE DRLLM_TEST_DTYPE=bfloat16 \
+    $PY -m pytest -p no:cacheprovider tests/test_executor.py tests/test_fast_paths.py
 else
   SUMMARY+=("$(printf '%-28s %-14s' pytest 'absent: skipped')")
 fi
 
-stage parity-$DEVICE 60 $PY bench/gpu_parity.py --device $DEVICE --dtypes float32 bfloat16 float16 --default-model "$MODEL"
+stage parity-$DEVICE 45 $PY bench/gpu_parity.py --device $DEVICE --dtypes float32 bfloat16 float16 --default-model "$MODEL"
 
-stage bench-bfloat16 60 $PY -c "from routing.cli import main; raise SystemExit(main(['bench', '--model', '$MODEL',
-  '--device', '$DEVICE', '--dtype', 'bfloat16', '--batch', '1', '8', '32', '--rounds', '3', '--new-tokens', '48']))"
+stage bench-bfloat16 45 $PY -c "from routing.cli import main; raise SystemExit(main(['bench', '--model', '$MODEL',
+  '--device', '$DEVICE', '--dtype', 'bfloat16', '--batch', '1', '8', '32', '--rounds', '3', '--new-tokens', '32']))"
 
-stage bench-float32 40 $PY -c "from routing.cli import main; raise SystemExit(main(['bench', '--model', '$MODEL',
+stage bench-float32 30 $PY -c "from routing.cli import main; raise SystemExit(main(['bench', '--model', '$MODEL',
   '--device', '$DEVICE', '--dtype', 'float32', '--batch', '1', '8', '--rounds', '2', '--new-tokens', '32']))"
 
 {
