@@ -17,6 +17,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="HF directory, .gguf file, hub id, or 'default'")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32 (CPU default), bfloat16 (CUDA default), float16")
+    p.add_argument("--quantization", default="none", choices=("none", "int8"),
+                   help="int8: per-channel int8 weights for the blocks and LM head (CPU only)")
 
 
 def _cmd_fetch_default(args: argparse.Namespace) -> int:
@@ -33,7 +35,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .plan import LayerPlan, plan_summary
     from .sampling import SamplingParams
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
     L = model.spec.n_layers
     plan = LayerPlan.parse(args.plan, L) if args.plan else None
     planner = None

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import SlotKVCache, slot_of
+from .fused import norm_eps, pack_model, rms_norm
+from .kv_cache import SlotKVCache
 from .model import BaseModel
 
 # decide(layer, hidden [b, n, d], lengths [b]) -> counts [b] (CPU long) for that layer. The callback may
@@ -36,11 +37,6 @@ def pad_right(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor
     return tokens, torch.tensor([len(r) for r in rows])
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
               impl: str, causal: bool = False) -> torch.Tensor:
     # q: [b, H, n, D]; k, v: [b, H_kv, S, D]; mask: [b, 1, n, S] bool (True = attend), or None with
@@ -56,43 +52,93 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
+@dataclass
+class _Selection:
+    """Which rows run one (layer, repeat): all, none, or a subset as a mask [b, 1, 1] and indices [k]."""
+
+    count: int
+    mask: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+
+
+def _selection(col: list[int], repeat: int, device: torch.device) -> _Selection:
+    sel = [c > repeat for c in col]
+    k = sum(sel)
+    if k in (0, len(sel)):
+        return _Selection(k)
+    return _Selection(k, torch.tensor(sel, device=device)[:, None, None],
+                      torch.tensor([i for i, on in enumerate(sel) if on], device=device))
+
+
 class RoutedExecutor:
-    def __init__(self, model: BaseModel, max_batch: int = 1, attn_impl: str = "sdpa", capacity: int = 128):
+    """Runs prefill and decode along per-row plans (see the module docstring).
+
+    Host work per forward does not grow with L: the per-(layer, repeat) row selections are built once per
+    distinct set of plans (decode steps reuse them), the attention mask and rotary tables once per
+    forward, and a block is a fixed sequence of ~17 kernels (fused QKV and gate+up matmuls, see
+    routing.fused). Rows that skip a block either ride along and keep their hidden state (few tokens:
+    memory-bound, a gather costs as much as the block) or, from `subset_min_tokens` tokens in the forward
+    on (prefill, large batches: compute-bound), are gathered so that the block runs only for the rows
+    that execute it."""
+
+    def __init__(self, model: BaseModel, max_batch: int = 1, attn_impl: str = "sdpa", capacity: int = 128,
+                 subset_min_tokens: int = 64, weight_layout: str = "auto"):
         if attn_impl not in ("sdpa", "eager"):
             raise ValueError("attn_impl must be 'sdpa' or 'eager'")
         self.model, self.spec, self.attn_impl = model, model.spec, attn_impl
         self.max_batch = max_batch
-        self.cache = SlotKVCache(self.spec.n_kv_heads, self.spec.head_dim, max_batch, model.dtype,
-                                 model.device, capacity)
+        self.subset_min_tokens = subset_min_tokens
+        if weight_layout == "auto":  # see routing.fused.fuse: one row per matmul favours [in, out] on CPU
+            cpu32 = model.device.type == "cpu" and model.dtype == torch.float32
+            weight_layout = "in_out" if cpu32 and max_batch == 1 else "out_in"
+        packed = pack_model(model.hf, self.spec.head_dim, weight_layout)
+        self.blocks, self.lm_head = packed.blocks, packed.head
+        norm = model.hf.model.norm
+        self.final_norm, self.final_eps = norm.weight, norm_eps(norm)
+        self.cache = SlotKVCache(self.spec.n_layers, self.spec.n_kv_heads, self.spec.head_dim, max_batch,
+                                 model.dtype, model.device, capacity)
+        self._plans_key: bytes | None = None
+        self._plans_sel: list[tuple[_Selection, _Selection]] = []
 
     @property
     def n_layers(self) -> int:
         return self.spec.n_layers
 
-    def _block(self, layer: int, repeat: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _block(self, layer: int, repeat: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                pos: torch.Tensor | slice, rows: torch.Tensor | slice, key_len: int, mask: torch.Tensor | None,
                causal: bool) -> torch.Tensor:
-        # h: [b, n, d]; cos, sin: [b, n, D]; pos: [b, n] cache positions, or one slice shared by all rows
-        blk = self.model.layers[layer]
-        attn = blk.self_attn
+        # h: [b, n, d]; rope: (cos, signed sin) [b, n, 1, D]; pos: [b, n] cache positions, or one slice
+        # shared by all rows
+        blk = self.blocks[layer]
         b, n, _ = h.shape
-        hd = self.spec.head_dim
-        x = blk.input_layernorm(h)
-        q = attn.q_proj(x).view(b, n, -1, hd)
-        k = attn.k_proj(x).view(b, n, -1, hd)
-        v = attn.v_proj(x).view(b, n, -1, hd).transpose(1, 2)
-        if self.spec.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [b, H, n, D]
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
-        slot = slot_of(layer, repeat)
-        self.cache.write(slot, rows, pos, k, v)
-        keys, values = self.cache.read(slot, rows, key_len)
-        scale = getattr(attn, "scaling", hd**-0.5)
-        o = attention(q, keys, values, mask, scale, self.attn_impl, causal)
-        h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
-        return h + blk.mlp(blk.post_attention_layernorm(h))
+        H, K, D = self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim
+        qkv = blk.qkv(rms_norm(h, blk.in_norm, blk.eps)).view(b, n, H + 2 * K, D)
+        if blk.q_norm is not None:
+            qkv[:, :, :H] = rms_norm(qkv[:, :, :H], blk.q_norm, blk.eps)
+            qkv[:, :, H: H + K] = rms_norm(qkv[:, :, H: H + K], blk.k_norm, blk.eps)
+        # rotary embedding in place on q and k: x*cos + rotate_half(x)*sin, where rotate_half(x)*sin ==
+        # roll(x, D/2)*signed_sin (transformers' apply_rotary_pos_emb, the same products)
+        qk = qkv[:, :, : H + K]
+        rolled = qk.roll(D // 2, -1)
+        qk.mul_(rope[0]).addcmul_(rolled, rope[1])
+        self.cache.write(layer, repeat, rows, pos, qkv[:, :, H:])
+        keys, values = self.cache.read(layer, repeat, rows, key_len)
+        o = attention(qkv[:, :, :H].transpose(1, 2), keys, values, mask, blk.scale, self.attn_impl, causal)
+        h = h + blk.o(o.transpose(1, 2).reshape(b, n, H * D))
+        gate, up = blk.gate_up(rms_norm(h, blk.post_norm, blk.eps)).chunk(2, -1)
+        return h + blk.down(blk.act(gate) * up)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: h [..., d] -> logits [..., V] (the model's own head, through Proj)."""
+        return self.lm_head(rms_norm(h, self.final_norm, self.final_eps))
+
+    def _selections(self, counts: torch.Tensor, device: torch.device) -> list[tuple[_Selection, _Selection]]:
+        # counts [b, L] CPU long -> per layer (first execution, repeat); cached while the plans repeat
+        key = counts.numpy().tobytes() + repr((tuple(counts.shape), str(device))).encode()
+        if key != self._plans_key:
+            self._plans_sel = [(_selection(c, 0, device), _selection(c, 1, device)) for c in counts.t().tolist()]
+            self._plans_key = key
+        return self._plans_sel
 
     @torch.inference_mode()
     def forward(
@@ -145,38 +191,45 @@ class RoutedExecutor:
             h = self.model.embed(tokens.to(dev))
         else:
             first, h = resume
-        cos, sin = self.model.rotary(h, pos)
+        cos, sin = self.model.rotary(h, pos)  # [b, n, D]
+        half = cos.shape[-1] // 2
+        rope = (cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), -1).unsqueeze(2))
         entering: list[torch.Tensor] | None = [] if capture else None
+        selections = None if decide is not None else self._selections(counts, dev)
+        gather = b * n >= self.subset_min_tokens
 
         for layer in range(first, L):
             if entering is not None:
                 entering.append(h)
-            if decide is not None:
+            if selections is None:
+                assert decide is not None
                 counts[:, layer] = decide(layer, h, lengths_cpu).cpu().long()
-            col = counts[:, layer].tolist()
-            for repeat in (0, 1):
-                sel = [c > repeat for c in col]
-                n_sel = sum(sel)
-                if n_sel == 0:
+                col = counts[:, layer].tolist()
+                pair = (_selection(col, 0, dev), _selection(col, 1, dev))
+            else:
+                pair = selections[layer]
+            for repeat, sel in enumerate(pair):
+                if sel.count == 0:
                     continue
-                if n_sel == b or n == 1:
-                    # all rows, or a decode step (memory-bound: running the block for every row costs about
-                    # the same as a gather; rows that skip write a slot they never read and keep their h)
-                    out = self._block(layer, repeat, h, cos, sin, span or pos, row_ref, key_len, mask, causal)
-                    if n_sel == b:
-                        h = out
-                    else:
-                        h = torch.where(torch.tensor(sel, device=dev)[:, None, None], out, h)
+                if sel.count == b:
+                    h = self._block(layer, repeat, h, rope, span or pos, row_ref, key_len, mask, causal)
+                elif not gather:
+                    # few tokens (decode): memory-bound, so every row runs and the skipping rows keep their
+                    # h; they write a cache slot they never read
+                    out = self._block(layer, repeat, h, rope, span or pos, row_ref, key_len, mask, causal)
+                    h = torch.where(sel.mask, out, h)
                 else:
-                    idx = torch.tensor([i for i, on in enumerate(sel) if on], device=dev)
+                    idx = sel.index
+                    assert idx is not None
                     sub_rows = idx if isinstance(row_ref, slice) else row_ref[idx]
                     sub_mask = None if mask is None else mask[idx]
-                    h = h.clone()
-                    h[idx] = self._block(layer, repeat, h[idx], cos[idx], sin[idx], span or pos[idx], sub_rows,
-                                         key_len, sub_mask, causal)
+                    sub_rope = (rope[0][idx], rope[1][idx])
+                    out = self._block(layer, repeat, h[idx], sub_rope, span or pos[idx], sub_rows, key_len,
+                                      sub_mask, causal)
+                    h = h.index_copy(0, idx, out)
         if all_logits:
-            logits = self.model.head(h)
+            logits = self.head(h)
         else:
             last = (lengths_cpu - 1).to(dev)
-            logits = self.model.head(h[torch.arange(b, device=dev), last])
+            logits = self.head(h[torch.arange(b, device=dev), last])
         return ForwardOutput(logits=logits, counts=counts, entering=entering)

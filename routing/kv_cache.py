@@ -1,9 +1,16 @@
 """A KV cache indexed by *execution slot*: block l's first execution uses slot 2l, its repeat slot 2l+1.
 
-A skipped block never touches its slots; a repeated block keeps two (the reference implementation shares
+A skipped block never reads its slots; a repeated block keeps two (the reference implementation shares
 one slot between both executions, which gives wrong logits). Each batch row stores its own tokens at
 their absolute positions 0..len-1, so rows of different lengths and plans share one tensor per slot.
-Slots are allocated on first use and grow along the sequence axis.
+
+Layout: keys and values of one slot live together, `[max_batch, 2 * H_kv, capacity, D]` (heads 0..H_kv-1
+keys, then values), so one index write stores both, and a read is a view in the head-major layout SDPA's
+fused CPU kernel wants (a token-major view makes it fall back to the unfused math path). The first-execution slots of all
+L blocks are one tensor `[L, max_batch, 2 * H_kv, capacity, D]`, allocated once, on first use; repeat
+slots are allocated per block on first use (most plans repeat few blocks or none). Capacity grows
+geometrically when a forward needs more positions (`reserve`); a caller that knows a sequence's final
+length can reserve it up front so no decode step ever reallocates.
 """
 
 from __future__ import annotations
@@ -16,70 +23,91 @@ def slot_of(layer: int, repeat: int) -> int:
 
 
 class SlotKVCache:
-    def __init__(self, n_kv_heads: int, head_dim: int, max_batch: int, dtype: torch.dtype,
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_batch: int, dtype: torch.dtype,
                  device: torch.device, capacity: int = 128) -> None:
-        self.n_kv_heads, self.head_dim, self.max_batch = n_kv_heads, head_dim, max_batch
+        self.n_layers, self.n_kv_heads, self.head_dim, self.max_batch = n_layers, n_kv_heads, head_dim, max_batch
         self.dtype, self.device = dtype, device
         self.capacity = capacity
-        self.k: dict[int, torch.Tensor] = {}  # slot -> [max_batch, H_kv, capacity, D]
-        self.v: dict[int, torch.Tensor] = {}
+        self.primary: torch.Tensor | None = None  # [L, max_batch, 2 H_kv, capacity, D]
+        self.repeats: dict[int, torch.Tensor] = {}  # layer -> [max_batch, 2 H_kv, capacity, D]
 
-    def _empty(self, length: int) -> torch.Tensor:
-        shape = (self.max_batch, self.n_kv_heads, length, self.head_dim)
+    def _empty(self, *lead: int, length: int) -> torch.Tensor:
+        shape = (*lead, self.max_batch, 2 * self.n_kv_heads, length, self.head_dim)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def reserve(self, length: int) -> None:
-        """Make room for `length` positions in every slot (grows geometrically)."""
+        """Make room for `length` positions in every slot (grows geometrically: at least doubles)."""
         if length <= self.capacity:
             return
         new = max(length, 2 * self.capacity)
-        for store in (self.k, self.v):
-            for s, t in store.items():
-                grown = self._empty(new)
-                grown[:, :, : t.shape[2]] = t
-                store[s] = grown
+        old = self.capacity
+        if self.primary is not None:
+            grown = self._empty(self.n_layers, length=new)
+            grown[:, :, :, :old] = self.primary
+            self.primary = grown
+        for layer, t in self.repeats.items():
+            grown = self._empty(length=new)
+            grown[:, :, :old] = t
+            self.repeats[layer] = grown
         self.capacity = new
 
-    def write(self, slot: int, rows: torch.Tensor | slice, positions: torch.Tensor | slice,
-              k: torch.Tensor, v: torch.Tensor) -> None:
-        # rows: [b] or a slice; positions: [b, n], or one slice when every row writes the same span;
-        # k, v: [b, H_kv, n, D]
-        if slot not in self.k:
-            self.k[slot], self.v[slot] = self._empty(self.capacity), self._empty(self.capacity)
-        if isinstance(positions, slice):
-            self.k[slot][rows, :, positions] = k
-            self.v[slot][rows, :, positions] = v
-            return
-        ridx = torch.arange(rows.start, rows.stop, device=self.device) if isinstance(rows, slice) else rows
-        ridx = ridx[:, None]
-        self.k[slot][ridx, :, positions] = k.transpose(1, 2)
-        self.v[slot][ridx, :, positions] = v.transpose(1, 2)
+    def slot(self, layer: int, repeat: int) -> torch.Tensor:
+        """The [max_batch, 2 H_kv, capacity, D] tensor of block `layer`'s execution `repeat` (0 or 1)."""
+        if repeat == 0:
+            if self.primary is None:
+                self.primary = self._empty(self.n_layers, length=self.capacity)
+            return self.primary[layer]
+        t = self.repeats.get(layer)
+        if t is None:
+            t = self.repeats[layer] = self._empty(length=self.capacity)
+        return t
 
-    def read(self, slot: int, rows: torch.Tensor | slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # -> [b, H_kv, length, D]; a view when rows is a slice
-        return self.k[slot][rows, :, :length], self.v[slot][rows, :, :length]
+    def has_slot(self, slot: int) -> bool:
+        layer, repeat = divmod(slot, 2)
+        return self.primary is not None if repeat == 0 else layer in self.repeats
+
+    def write(self, layer: int, repeat: int, rows: torch.Tensor | slice, positions: torch.Tensor | slice,
+              kv: torch.Tensor) -> None:
+        # rows: [b] or a slice; positions: [b, n], or one slice when every row writes the same span;
+        # kv: [b, n, 2 H_kv, D]
+        t = self.slot(layer, repeat)
+        if isinstance(positions, slice):
+            t[rows, :, positions] = kv.transpose(1, 2)
+            return
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start, rows.stop, device=self.device)
+        t[rows[:, None], :, positions] = kv
+
+    def read(self, layer: int, repeat: int, rows: torch.Tensor | slice,
+             length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # -> keys, values [b, H_kv, length, D]; views when rows is a slice
+        t = self.slot(layer, repeat)[rows, :, :length]
+        return t[:, : self.n_kv_heads], t[:, self.n_kv_heads:]
 
     @torch.inference_mode()
     def move_row(self, src: int, dst: int) -> None:
         """Copy row src into row dst in every slot (used to keep active rows a contiguous prefix)."""
         if src == dst:
             return
-        for store in (self.k, self.v):
-            for t in store.values():
-                t[dst] = t[src]
+        if self.primary is not None:
+            self.primary[:, dst] = self.primary[:, src]
+        for t in self.repeats.values():
+            t[dst] = t[src]
 
     @torch.inference_mode()
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy rows src[i] into rows dst[i] (src, dst: [k] long) in every slot, one indexed copy per slot
         (the offline scorer shares one prompt prefill among several continuations this way)."""
         src, dst = src.to(self.device), dst.to(self.device)
-        for store in (self.k, self.v):
-            for t in store.values():
-                t[dst] = t[src]
+        if self.primary is not None:
+            self.primary[:, dst] = self.primary[:, src]
+        for t in self.repeats.values():
+            t[dst] = t[src]
 
     def clear(self) -> None:
-        self.k.clear()
-        self.v.clear()
+        self.primary = None
+        self.repeats.clear()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for store in (self.k, self.v) for t in store.values())
+        tensors = ([] if self.primary is None else [self.primary]) + list(self.repeats.values())
+        return sum(t.numel() * t.element_size() for t in tensors)

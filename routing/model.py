@@ -57,6 +57,7 @@ class BaseModel:
     source: str
     eos_token_ids: tuple[int, ...]
     fingerprint: str = field(default="")
+    quantization: str = "none"  # "none" or "int8" (routing.quant)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -238,12 +239,26 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    quantization: str | None = None,
 ) -> BaseModel:
+    """Load a base model for the executor. quantization: None/"none", or "int8" (per-channel int8 weights of
+    every block projection and the LM head, CPU only: see routing.quant). The fingerprint is taken before
+    quantizing, so router checkpoints match the same base weights at any dtype or quantization.
+
+    Raises ValueError for an unsupported architecture, dtype or quantization (int8 off CPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .quant import QUANTIZATIONS, quantize_model_
 
     device = torch.device(device or default_device())
     if not isinstance(dtype, torch.dtype):
         dtype = parse_dtype(dtype, device)
+    quantization = quantization or "none"
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    if quantization != "none" and device.type != "cpu":
+        raise ValueError(f"--quantization {quantization} is implemented for CPU (torch's int8 weight-only "
+                         "kernel); on a GPU use --dtype bfloat16")
     path, name = resolve_source(source)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     spec = spec_from_config(config)
@@ -252,9 +267,11 @@ def load_model(
     )
     hf.to(device).eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    fingerprint = weights_fingerprint(hf)
+    quantize_model_(hf, quantization)
     return BaseModel(
         hf=hf, tokenizer=tok, spec=spec, name=name, source=str(source),
-        eos_token_ids=eos_ids(hf, tok), fingerprint=weights_fingerprint(hf),
+        eos_token_ids=eos_ids(hf, tok), fingerprint=fingerprint, quantization=quantization,
     )
 
 

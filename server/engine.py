@@ -191,7 +191,7 @@ class Engine:
         s = self.settings
         t0 = time.monotonic()
         if self.model is None:
-            self.model = load_model(s.model, device=s.device, dtype=s.dtype)
+            self.model = load_model(s.model, device=s.device, dtype=s.dtype, quantization=s.quantization)
         if self.model.device.type == "cpu":
             _set_cpu_threads(s.torch_threads)
         self.torch_threads = torch.get_num_threads()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,7 @@ class ServerSettings(BaseSettings):
     served_model_name: str | None = None  # the name clients send as `model` (default: the model's name)
     device: str | None = None  # cpu, cuda, cuda:1 (default: cuda if available)
     dtype: str = "auto"
+    quantization: Literal["none", "int8"] = "none"  # int8: per-channel int8 weights, CPU only (routing.quant)
     torch_threads: int | None = Field(None, ge=0)  # CPU intra-op threads; None: all cores but one; 0: torch's
     log_level: str = "info"
 
@@ -57,6 +59,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="model name clients send [DRLLM_SERVED_MODEL_NAME]")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available) [DRLLM_DEVICE]")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16 [DRLLM_DTYPE]")
+    p.add_argument("--quantization", choices=("none", "int8"),
+                   help="int8: per-channel int8 weights for the blocks and LM head, CPU only [DRLLM_QUANTIZATION]")
     p.add_argument("--torch-threads", type=int,
                    help="CPU threads for the model (default: all cores but one, left for HTTP; 0: torch's "
                         "default) [DRLLM_TORCH_THREADS]")

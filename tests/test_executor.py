@@ -6,14 +6,15 @@ import random
 
 import pytest
 import torch
-from tiny import ARCHS, reference_logits, tiny_model
+from tiny import ARCHS, ATOL, DEVICE, LOW_PRECISION, reference_logits, tiny_model
 
 from routing.executor import RoutedExecutor
 from routing.generation import BatchGenerator, GenerationRequest
 from routing.plan import LayerPlan
 from routing.sampling import SamplingParams
 
-ATOL = 1e-4
+# token-for-token comparisons need float32: in half precision a near tie may flip a greedy choice
+fp32_only = pytest.mark.skipif(LOW_PRECISION, reason="compares sampled tokens; needs float32")
 
 
 def random_plan(rng: random.Random, n: int) -> LayerPlan:
@@ -24,7 +25,7 @@ def random_plan(rng: random.Random, n: int) -> LayerPlan:
 
 
 def zeros(b: int) -> torch.Tensor:
-    return torch.zeros(b, dtype=torch.long)
+    return torch.zeros(b, dtype=torch.long, device=DEVICE)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -33,7 +34,7 @@ def test_full_plan_equals_transformers_forward(arch: str, attn: str) -> None:
     model = tiny_model(arch, attn=attn)
     tokens = torch.randint(0, 96, (2, 11))
     with torch.inference_mode():
-        ref = model.hf(tokens, use_cache=False).logits
+        ref = model.hf(tokens.to(DEVICE), use_cache=False).logits
     ex = RoutedExecutor(model, max_batch=2, attn_impl=attn)
     out = ex.forward(tokens, zeros(2), plans=torch.ones(2, 6, dtype=torch.long), all_logits=True)
     torch.testing.assert_close(out.logits, ref, atol=ATOL, rtol=0)
@@ -80,10 +81,12 @@ def test_shared_slot_for_a_repeat_would_be_wrong() -> None:
     model = tiny_model("llama")
     ex = RoutedExecutor(model)
     ex.forward(torch.randint(0, 96, (1, 6)), zeros(1), plans=torch.tensor([[2, 1, 1, 1, 1, 1]]))
-    assert not torch.allclose(ex.cache.k[0][:, :, :6], ex.cache.k[1][:, :, :6])
-    assert 2 in ex.cache.k and 3 not in ex.cache.k  # block 1 runs once: it owns slot 2 only
+    rows = slice(0, 1)
+    assert not torch.allclose(ex.cache.read(0, 0, rows, 6)[0], ex.cache.read(0, 1, rows, 6)[0])
+    assert ex.cache.has_slot(1) and not ex.cache.has_slot(3)  # block 1 runs once: no repeat slot
 
 
+@fp32_only
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_equals_rows_alone(arch: str) -> None:
     model = tiny_model(arch)
@@ -105,6 +108,7 @@ def test_mixed_batch_equals_rows_alone(arch: str) -> None:
         torch.testing.assert_close(torch.tensor(together[i][1]), torch.tensor(alone[1]), atol=ATOL, rtol=0)
 
 
+@fp32_only
 def test_rows_join_and_leave_mid_generation() -> None:
     """Continuous batching: a row admitted while others decode, and rows finishing at different steps,
     still get exactly their solo results (rows are compacted in the cache as others leave)."""
@@ -128,6 +132,7 @@ def test_rows_join_and_leave_mid_generation() -> None:
     assert [s.generated for s in (*first, late)] == solo
 
 
+@fp32_only
 def test_no_cache_generation_equals_cached() -> None:
     model = tiny_model("qwen3")
     plan = LayerPlan((1, 2, 0, 1, 2, 1))
@@ -143,6 +148,7 @@ def test_no_cache_generation_equals_cached() -> None:
     torch.testing.assert_close(torch.tensor(out[0][1]), torch.tensor(out[1][1]), atol=ATOL, rtol=0)
 
 
+@fp32_only
 def test_sampling_is_seeded_per_request() -> None:
     model = tiny_model("llama")
     p = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=20, seed=7, ignore_eos=True)

@@ -1,8 +1,13 @@
-"""Tiny random models of each supported architecture, and an independent transformers reference."""
+"""Tiny random models of each supported architecture, and an independent transformers reference.
+
+DRLLM_TEST_DEVICE (default cpu) and DRLLM_TEST_DTYPE (default float32) move every tiny model, so the
+model-side tests run on CUDA and in bfloat16/float16 too (bench/gpu_check.sh); ATOL follows the dtype.
+"""
 
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch import nn
@@ -20,6 +25,13 @@ from routing.plan import LayerPlan
 from routing.router_net import RouterConfig, Routers
 
 ARCHS = ("llama", "qwen2", "qwen3")
+DEVICE = torch.device(os.environ.get("DRLLM_TEST_DEVICE", "cpu"))
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+    os.environ.get("DRLLM_TEST_DTYPE", "float32")]
+# logits of the tiny models are O(1): float32 agrees to ~1e-6, half precisions to a few of their epsilons
+# accumulated over 6 blocks
+ATOL = {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}[DTYPE]
+LOW_PRECISION = DTYPE != torch.float32
 _COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
 
@@ -39,6 +51,7 @@ def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa") -> BaseModel:
         for name, p in hf.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+    hf.to(DEVICE, DTYPE)
     return wrap_model(hf, name=f"tiny-{arch}")
 
 
@@ -57,7 +70,7 @@ def reference_logits(model: BaseModel, plan: LayerPlan, tokens: torch.Tensor) ->
         inner.config.layer_types = [inner.config.layer_types[i] for i in plan.execution_order]
     hf.model = inner
     with torch.inference_mode():
-        return hf(tokens, use_cache=False).logits
+        return hf(tokens.to(model.device), use_cache=False).logits
 
 
 def random_routers(model: BaseModel, seed: int) -> Routers:

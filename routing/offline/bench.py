@@ -1,7 +1,10 @@
 """`drllm bench`: the executor against transformers, and routed plans against the full plan, side by side.
 
 Every configuration is measured in the same run, interleaved round by round, and reported as the median
-over rounds; the ratios are what to read (absolute times drift on shared machines).
+over rounds; the ratios are what to read (absolute times drift on shared machines). The transformers
+baseline runs on its own copy of the model, in float32 (CPU) or the bench dtype (CUDA), unquantized and in
+transformers' own weight layout. With `--dtype` other than float32 or `--quantization int8`, the greedy
+continuations of a fixed prompt set are compared with the float32 model's (the accuracy cost).
 """
 
 from __future__ import annotations
@@ -36,10 +39,46 @@ def spread_plan(n_layers: int, executions: int) -> LayerPlan:
     return LayerPlan(tuple(counts))
 
 
+AGREEMENT_PROMPTS = (
+    "The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
+    "Question: What is 12 + 7? Answer:", "Once upon a time, in a small village,",
+    "The three primary colors are", "Photosynthesis is the process by which", "import numpy as np\n",
+)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# wall time by default; `--clock cpu` counts this process's CPU time instead (with --threads 1 on a shared
+# machine it measures the work done, not the time spent waiting for a core)
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
+
+
 def _timed(fn: Callable[[], None]) -> float:
-    t = time.perf_counter()
+    _sync()
+    t = CLOCK[0]()
     fn()
-    return time.perf_counter() - t
+    _sync()
+    return CLOCK[0]() - t
+
+
+def greedy(model: BaseModel, prompts: tuple[str, ...], new_tokens: int) -> list[list[int]]:
+    gen = BatchGenerator(model, max_batch=len(prompts))
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    seqs = [gen.submit(GenerationRequest(model.tokenizer(p)["input_ids"], params)) for p in prompts]
+    gen.run_to_completion()
+    return [s.generated for s in seqs]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
+    """(share of identical continuations, mean share of tokens before the first divergence)."""
+    prefix = []
+    for x, y in zip(a, b, strict=True):
+        k = next((i for i, (u, v) in enumerate(zip(x, y, strict=True)) if u != v), len(x))
+        prefix.append(k / len(x))
+    return sum(p == 1.0 for p in prefix) / len(prefix), statistics.mean(prefix)
 
 
 def executor_run(model: BaseModel, ids: list[int], batch: int, new_tokens: int, plan: LayerPlan) -> tuple[float, float]:
@@ -78,9 +117,9 @@ def router_overhead(model: BaseModel, ids: list[int], rounds: int) -> tuple[floa
     inner = routers.layer_logits
 
     def timed_logits(layer: int, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        t = time.perf_counter()
+        t = CLOCK[0]()
         out = inner(layer, hidden, lengths)
-        spent[0] += time.perf_counter() - t
+        spent[0] += CLOCK[0]() - t
         return out
 
     routers.layer_logits = timed_logits  # type: ignore[method-assign]
@@ -100,23 +139,28 @@ def router_overhead(model: BaseModel, ids: list[int], rounds: int) -> tuple[floa
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
+    model = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    ref_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
+    reference = load_model(args.model, device=model.device, dtype=ref_dtype)  # transformers' own layout
     L = model.spec.n_layers
     ids = model.tokenizer(PROMPT)["input_ids"]
     plans = {"full": LayerPlan.full(L), f"{round(L * 0.8)}/{L}": spread_plan(L, round(L * 0.8)),
              f"{round(L * 0.6)}/{L}": spread_plan(L, round(L * 0.6))}
     # the LM head's cost does not shrink with skipped blocks: 'ideal+head' counts its weights too
-    block = sum(p.numel() for p in model.layers[0].parameters())
-    head = model.hf.lm_head.weight.numel()
-    print(f"model {model.name} ({L} layers) on {model.device}, {model.dtype}; torch threads "
+    block = sum(t.numel() for t in (*model.layers[0].parameters(), *model.layers[0].buffers()))
+    head = model.hf.lm_head.weight.numel()  # int8 modules keep weights as buffers: counted the same
+    print(f"model {model.name} ({L} layers) on {model.device}, {model.dtype}, quantization "
+          f"{model.quantization}; transformers baseline in {reference.dtype}; {args.clock} clock; torch threads "
           f"{torch.get_num_threads()}; prompt {len(ids)} tokens; {args.new_tokens} new tokens; "
           f"median of {args.rounds} interleaved rounds")
+    first_full_tps: list[float] = []  # batch-1 decode tokens/s of the full plan
     for batch in args.batch:
         executor_run(model, ids, batch, 4, plans["full"])  # warm-up
-        hf_run(model, ids, batch, 4)
+        hf_run(reference, ids, batch, 4)
         res: dict[str, list[tuple[float, float]]] = {k: [] for k in ["transformers", *plans]}
         for _ in range(args.rounds):
-            res["transformers"].append(hf_run(model, ids, batch, args.new_tokens))
+            res["transformers"].append(hf_run(reference, ids, batch, args.new_tokens))
             for name, plan in plans.items():
                 res[name].append(executor_run(model, ids, batch, args.new_tokens, plan))
         med = {k: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v)) for k, v in res.items()}
@@ -124,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'config':<22}{'executions':>11}{'prefill ms':>12}{'decode tok/s':>14}{'vs transformers':>17}"
               f"{'vs full':>9}{'ideal':>7}{'ideal+head':>12}")
         hf_tps = med["transformers"][1]
+        if batch == 1:
+            first_full_tps.append(med["full"][1])
         print(f"{'transformers generate':<22}{L:>11}{med['transformers'][0] * 1e3:>12.1f}{hf_tps:>14.1f}"
               f"{1.0:>17.2f}")
         for name, plan in plans.items():
@@ -131,6 +177,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'executor ' + name:<22}{plan.executions:>11}{p * 1e3:>12.1f}{d:>14.1f}{d / hf_tps:>17.2f}"
                   f"{d / med['full'][1]:>9.2f}{L / plan.executions:>7.2f}"
                   f"{(L * block + head) / (plan.executions * block + head):>12.2f}")
+    if model.dtype != reference.dtype or model.quantization != "none":
+        share, prefix = agreement(greedy(model, AGREEMENT_PROMPTS, 32), greedy(reference, AGREEMENT_PROMPTS, 32))
+        print(f"\ngreedy agreement with {reference.dtype} over {len(AGREEMENT_PROMPTS)} prompts x 32 tokens: "
+              f"{100 * share:.0f}% identical continuations, {100 * prefix:.1f}% of tokens before the first "
+              "divergence")
+    if args.llamacpp_tps and first_full_tps:
+        print(f"llama.cpp reference: {args.llamacpp_tps:.1f} tok/s at batch 1 -> executor full / llama.cpp = "
+              f"{first_full_tps[0] / args.llamacpp_tps:.2f}")
     plain, routed, inside = router_overhead(model, ids, args.rounds * 3)
     print(f"\nrouter overhead at prefill ({len(ids)} tokens): {inside * 1e3:.2f} ms inside the 30 routers = "
           f"{100 * inside / plain:.2f}% of a {plain * 1e3:.1f} ms prefill (end-to-end routed/plain prefill "
@@ -147,4 +201,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or process CPU time (use with --threads 1 on a busy machine)")
+    p.add_argument("--llamacpp-tps", type=float, default=0.0,
+                   help="llama.cpp's batch-1 decode tokens/s measured on this machine, to print the ratio")
     p.set_defaults(func=run)

@@ -53,7 +53,8 @@ def _setup(args: argparse.Namespace):  # -> BaseModel
     # calibration and evaluation keep full float32, the precision the CPU server runs in
     torch.backends.cuda.matmul.allow_tf32 = args.func in (_cmd_search, _cmd_train)
     torch.manual_seed(args.seed)
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    return load_model(args.model, device=args.device, dtype=args.dtype,
+                      quantization=getattr(args, "quantization", None))
 
 
 def _items_for(args: argparse.Namespace, model, split: str | None):  # -> list[Item]

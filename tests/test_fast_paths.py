@@ -1,0 +1,195 @@
+"""The executor's fast paths against the references: row subsets, weight layouts, the KV cache's single
+allocation, int8 weights, and the quantization option's errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import ARCHS, ATOL, DEVICE, reference_logits, tiny_model
+
+from routing.executor import RoutedExecutor
+from routing.fused import pack_model
+from routing.model import load_model
+from routing.plan import LayerPlan
+from routing.quant import Int8Linear, int8_linear, quantize_int8, quantize_model_
+
+
+def plans_for(rng: random.Random, b: int) -> torch.Tensor:
+    rows = []
+    for _ in range(b):
+        counts = [rng.choice((0, 1, 2)) for _ in range(6)]
+        counts[0] = max(counts[0], 1)
+        rows.append(counts)
+    return torch.tensor(rows)
+
+
+def solo_logits(model, tokens: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+    return reference_logits(model, LayerPlan(tuple(int(c) for c in plan)), tokens[None])[0]
+
+
+@pytest.mark.parametrize("subset_min_tokens", [0, 10**9], ids=["gather", "ride-along"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_row_subsets_match_each_row_alone(arch: str, subset_min_tokens: int) -> None:
+    """Prefill of rows with different plans and lengths, then decode steps at different positions: both
+    ways of running a block for some rows only (gather them, or run all and keep the others' state) give
+    each row the logits of a plain transformers forward along its own plan."""
+    model = tiny_model(arch)
+    rng = random.Random(7)
+    b = 4
+    plans = plans_for(rng, b)
+    lengths = [3, 8, 5, 1]
+    seqs = torch.randint(0, 96, (b, 12))
+    ex = RoutedExecutor(model, max_batch=b, subset_min_tokens=subset_min_tokens, capacity=4)
+    tokens = seqs[:, :8].clone()
+    out = ex.forward(tokens, torch.zeros(b, dtype=torch.long), plans=plans, lengths=torch.tensor(lengths),
+                     all_logits=True)
+    for i in range(b):
+        ref = solo_logits(model, seqs[i, : lengths[i]], plans[i])
+        torch.testing.assert_close(out.logits[i, : lengths[i]], ref, atol=ATOL, rtol=0)
+    pos = torch.tensor(lengths)
+    for _ in range(3):  # every row decodes its own next token at its own position
+        step = seqs[torch.arange(b), pos][:, None]
+        out = ex.forward(step, pos, plans=plans)
+        for i in range(b):
+            ref = solo_logits(model, seqs[i, : int(pos[i]) + 1], plans[i])[-1]
+            torch.testing.assert_close(out.logits[i], ref, atol=ATOL, rtol=0)
+        pos = pos + 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_weight_layouts_agree_and_share_the_models_memory(arch: str) -> None:
+    model = tiny_model(arch)
+    tokens = torch.randint(0, 96, (2, 9))
+    with torch.inference_mode():
+        ref = model.hf(tokens.to(DEVICE), use_cache=False).logits
+    plans = torch.ones(2, 6, dtype=torch.long)
+    for layout in ("in_out", "out_in", "in_out"):
+        ex = RoutedExecutor(model, max_batch=2, weight_layout=layout)
+        out = ex.forward(tokens, torch.zeros(2, dtype=torch.long), plans=plans, all_logits=True)
+        torch.testing.assert_close(out.logits, ref, atol=ATOL, rtol=0)
+        with torch.inference_mode():  # the model's own forward runs on the re-pointed views
+            torch.testing.assert_close(model.hf(tokens.to(DEVICE), use_cache=False).logits, ref, atol=ATOL, rtol=0)
+        attn = model.layers[0].self_attn
+        packed = ex.blocks[0].qkv.weight
+        assert attn.q_proj.weight.data_ptr() == packed.data_ptr()  # a view, not a copy
+        assert attn.v_proj.weight.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+        assert ex.lm_head.weight.data_ptr() == model.hf.lm_head.weight.data_ptr()
+        assert packed.is_contiguous() == (layout == "out_in")
+    assert pack_model(model.hf, model.spec.head_dim, "in_out") is pack_model(model.hf, model.spec.head_dim, "in_out")
+
+
+def test_kv_cache_is_allocated_once_and_moves_rows_in_every_slot() -> None:
+    model = tiny_model("llama")
+    ex = RoutedExecutor(model, max_batch=3, capacity=16)
+    plans = torch.tensor([[1, 2, 0, 1, 1, 1]] * 3)
+    ex.forward(torch.randint(0, 96, (3, 5)), torch.zeros(3, dtype=torch.long), plans=plans)
+    primary, repeat = ex.cache.primary, ex.cache.repeats[1]
+    assert primary is not None and set(ex.cache.repeats) == {1}
+    ptrs = (primary.data_ptr(), repeat.data_ptr())
+    for t in range(5, 16):  # decode up to capacity: no reallocation
+        ex.forward(torch.randint(0, 96, (3, 1)), torch.full((3,), t), plans=plans)
+    assert (ex.cache.primary.data_ptr(), ex.cache.repeats[1].data_ptr()) == ptrs
+    before = [ex.cache.read(layer, r, slice(2, 3), 16) for layer, r in ((0, 0), (1, 1))]
+    ex.cache.move_row(2, 0)
+    for (layer, r), (k, v) in zip(((0, 0), (1, 1)), before, strict=True):
+        k0, v0 = ex.cache.read(layer, r, slice(0, 1), 16)
+        assert torch.equal(k0, k) and torch.equal(v0, v)
+    ex.forward(torch.randint(0, 96, (3, 1)), torch.full((3,), 16), plans=plans)  # past capacity: grows
+    assert ex.cache.capacity == 32
+
+
+def test_int8_weights_round_trip_within_half_a_step() -> None:
+    w = torch.randn(40, 24) * torch.logspace(-3, 1, 40)[:, None]  # rows of very different scales
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (40,)
+    assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the int8 kernel is CPU-only")
+def test_int8_linear_matches_its_dequantized_weights() -> None:
+    lin = torch.nn.Linear(64, 48)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(5, 64)
+    ref = F.linear(x, q.weight.float() * q.scale[:, None], lin.bias)
+    # activations pass through bfloat16 for the kernel: relative error ~2^-8 per product
+    torch.testing.assert_close(q(x), ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
+    torch.testing.assert_close(int8_linear(x.bfloat16(), q.weight, q.scale, q.bias).float(), ref,
+                               atol=3e-2 * ref.abs().max().item(), rtol=0)
+    many = torch.randn(40, 64)  # prefill-sized: the dequantized float path
+    ref = F.linear(many, q.weight.float() * q.scale[:, None], lin.bias)
+    torch.testing.assert_close(q(many), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the int8 kernel is CPU-only")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int8_model_executor_matches_its_transformers_forward(arch: str) -> None:
+    """Quantized in place, the transformers model and the executor (fused int8 QKV and gate+up) run the
+    same int8 weights; prefill and cached decode agree with the model's own forward."""
+    model = tiny_model(arch)
+    quantize_model_(model.hf, "int8")
+    assert isinstance(model.hf.lm_head, Int8Linear)
+    plan = LayerPlan((1, 2, 0, 1, 1, 2))
+    seq = torch.randint(0, 96, (1, 10))
+    ex = RoutedExecutor(model)
+    plans = torch.tensor([plan.counts])
+    got = [ex.forward(seq[:, :6], torch.zeros(1, dtype=torch.long), plans=plans).logits[0]]
+    for t in range(6, 10):
+        got.append(ex.forward(seq[:, t: t + 1], torch.tensor([t]), plans=plans).logits[0])
+    ref = reference_logits(model, plan, seq)[0, 5:]
+    torch.testing.assert_close(torch.stack(got), ref, atol=max(2e-3, ATOL), rtol=0)
+
+
+def test_quantization_option_errors() -> None:
+    with pytest.raises(ValueError, match="int4"):
+        load_model("default", device="cpu", quantization="int4")
+    with pytest.raises(ValueError, match="CPU"):
+        load_model("default", device="cuda", quantization="int8")
+
+
+def test_bfloat16_executor_matches_transformers_in_bfloat16() -> None:
+    model = tiny_model("qwen3")
+    model.hf.to(torch.bfloat16)
+    tokens = torch.randint(0, 96, (2, 7))
+    with torch.inference_mode():
+        ref = model.hf(tokens.to(DEVICE), use_cache=False).logits.float()
+    out = RoutedExecutor(model, max_batch=2).forward(tokens, torch.zeros(2, dtype=torch.long),
+                                                     plans=torch.ones(2, 6, dtype=torch.long), all_logits=True)
+    assert out.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(out.logits.float(), ref, atol=6e-2, rtol=0)
+
+
+def test_router_layer_logits_equal_the_router_modules_and_follow_weight_updates() -> None:
+    from routing.router_net import RouterConfig, Routers, window_pool
+
+    torch.manual_seed(0)
+    r = Routers(RouterConfig(n_layers=3, hidden_size=32, bottleneck=16)).eval()
+    for b, lengths in ((1, [13]), (3, [13, 5, 1])):
+        h = torch.randn(b, 13, 32)
+        lens = torch.tensor(lengths)
+        for layer in range(3):
+            pooled, valid = window_pool(h, lens, 8)
+            with torch.no_grad():
+                ref = r.layers[layer](pooled, valid)
+            torch.testing.assert_close(r.layer_logits(layer, h, lens), ref, atol=1e-5, rtol=0)
+    with torch.no_grad():  # an optimizer step updates weights in place: the transposed copies follow
+        r.layers[1].fc1.weight.mul_(2)
+        r.layers[1].fc2.weight.add_(1)
+        pooled, valid = window_pool(h, lens, 8)
+        ref = r.layers[1](pooled, valid)
+    torch.testing.assert_close(r.layer_logits(1, h, lens), ref, atol=1e-5, rtol=0)
+
+
+def test_copy_rows_copies_every_slot() -> None:
+    model = tiny_model("qwen2")
+    ex = RoutedExecutor(model, max_batch=4)
+    plans = torch.tensor([[1, 2, 0, 1, 1, 1]] * 2)
+    ex.forward(torch.randint(0, 96, (2, 5)), torch.zeros(2, dtype=torch.long), plans=plans)
+    ex.cache.copy_rows(torch.tensor([0, 1]), torch.tensor([3, 2]))
+    for layer, r in ((0, 0), (1, 1), (5, 0)):
+        for s, d in ((0, 3), (1, 2)):
+            for a, b in zip(ex.cache.read(layer, r, slice(s, s + 1), 5), ex.cache.read(layer, r, slice(d, d + 1), 5),
+                            strict=True):
+                assert torch.equal(a, b)
