@@ -59,8 +59,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                        routing="full" if args.budget == "full" else "auto"))
     if not args.json:
         while gen.has_work():
-            for ev in gen.step():
-                sys.stdout.write(ev.text_delta)
+            for out in gen.step():
+                sys.stdout.write(out.text)
                 sys.stdout.flush()
         sys.stdout.write("\n")
         return 0

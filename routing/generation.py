@@ -1,13 +1,21 @@
 """Batched generation along per-row layer plans: the step loop shared by `drllm generate` and the server.
 
 `BatchGenerator.step()` either admits waiting sequences (one batched prefill, which also fixes each row's
-plan) or decodes one token for every running row. Finished rows leave at once; the running rows are kept
-as a contiguous prefix of the cache rows so decode steps read cache views, not gathers.
+plan) or decodes one token for every running row, and returns one immutable `SequenceOutput` per sequence
+that moved (new token ids, text delta, logprobs, finish reason, routing report). Callers read only these
+values; a `Sequence` is the generator's own mutable state. Finished rows leave at once; running rows are
+kept as a contiguous prefix of the cache rows so decode steps read cache views, not gathers.
+
+Isolation: sampling is batched and cannot produce NaN (see `routing.sampling`); a row whose logits are not
+finite, or whose text processing raises, finishes alone with `finish_reason="error"`. An exception in a
+prefill fails only the sequences being admitted; one in a decode step fails the running rows, never the
+waiting ones.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -15,13 +23,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .detokenize import IncrementalDetokenizer, StopStrings, TokenNames, decode_with_offsets
 from .executor import RoutedExecutor, pad_right
 from .model import BaseModel
 from .plan import LayerPlan
 from .planner import FixedPlanner, Planner, PlanRequest, plans_tensor
-from .sampling import SamplingParams, choose, make_generator, process_logits
+from .sampling import MIN_LOGPROB, Sample, SampleRow, SamplingParams, new_seed, sample
 
+log = logging.getLogger(__name__)
 _ids = itertools.count()
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus max_tokens does not fit the model's context."""
+
+
+def check_context(n_prompt: int, max_tokens: int, max_context: int) -> None:
+    """The one context-length rule: prompt + max_tokens <= the model's context. Raises ContextLengthError."""
+    if n_prompt + max_tokens > max_context:
+        raise ContextLengthError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                                 f"context of {max_context} tokens")
 
 
 @dataclass
@@ -34,30 +55,68 @@ class GenerationRequest:
     prompt_logprobs: bool = False  # logprobs of the prompt tokens too (for echo)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenLogprob:
+    """One position's logprobs. `token` names the token for display (see `routing.detokenize.TokenNames`);
+    `text_offset` counts characters of the sequence's text before it (the prompt's text for prompt tokens,
+    the generated text for generated ones); `top` holds the k most likely (id, name, logprob)."""
+
     token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
+    token: str
+    logprob: float | None  # None only for a prompt's first token (nothing predicts it)
+    text_offset: int
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class RoutingReport:
+    plan: LayerPlan
+    decision_probs: tuple[tuple[float, ...], ...] | None  # routers' per-layer (skip, execute, repeat)
+
+
+@dataclass(frozen=True)
+class SequenceOutput:
+    """What one step did to one sequence (an immutable value, safe to hand to another thread)."""
+
+    seq_id: int
+    num_prompt_tokens: int
+    num_generated_tokens: int  # so far, including this step's
+    token_ids: tuple[int, ...] = ()  # new this step
+    text: str = ""  # new text this step (text held back for a possible stop string comes later)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per new token when logprobs were asked for
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # first output only, when asked for
+    routing: RoutingReport | None = None  # on the first output after the prefill that fixed the plan
+    finish_reason: str | None = None  # stop | length | abort | error
+    error: str | None = None  # with finish_reason "error"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
 class Sequence:
+    """The generator's mutable state of one sequence (read it only from the thread that steps)."""
+
     request: GenerationRequest
     seq_id: int = field(default_factory=lambda: next(_ids))
     row: int = -1
+    seed: int = 0
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
-    text: str = ""  # generated text so far (stop strings cut off)
-    emitted: int = 0  # characters of `text` already handed out as deltas
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    text: str = ""  # generated text so far (cut at a stop string)
+    emitted: int = 0  # characters of `text` already handed out
     finish_reason: str | None = None
+    error: str | None = None
     plan: LayerPlan | None = None
     decisions: list[list[float]] | None = None
     t_submit: float = field(default_factory=time.monotonic)
     t_admit: float | None = None
     t_first: float | None = None
-    generator: torch.Generator | None = None
+    detok: IncrementalDetokenizer | None = None
+    reported: bool = False  # its first output (with the routing report and prompt logprobs) went out
+    stops: StopStrings = field(default_factory=lambda: StopStrings(()))
 
     @property
     def finished(self) -> bool:
@@ -66,14 +125,6 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.request.prompt_ids) + len(self.generated)
-
-
-@dataclass
-class TokenEvent:
-    seq: Sequence
-    token_id: int | None  # None: finished without a new token (abort, max_tokens=0)
-    text_delta: str
-    finished: bool
 
 
 class BatchGenerator:
@@ -89,19 +140,20 @@ class BatchGenerator:
         self.running: list[Sequence] = []  # running[i].row == i
         self._aborts: set[int] = set()
         self._lock = threading.Lock()
+        self._names = TokenNames(model.tokenizer) if model.tokenizer is not None else None
 
     # --- requests ---------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Sequence:
+        """Queue a request. Raises ValueError (ContextLengthError for the context rule) for a bad request."""
         n = len(request.prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
-        if n + request.params.max_tokens > self.max_context:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({request.params.max_tokens}) exceeds the "
-                             f"model's context of {self.max_context} tokens")
+        check_context(n, request.params.max_tokens, self.max_context)
         if request.plan is not None:
             request.plan.check_length(self.model.spec.n_layers)
         seq = Sequence(request)
-        seq.generator = make_generator(request.params.seed, self.model.device)
+        seq.seed = request.params.seed if request.params.seed is not None else new_seed()
+        seq.stops = StopStrings(request.params.stop)
         with self._lock:
             self.waiting.append(seq)
         return seq
@@ -115,35 +167,51 @@ class BatchGenerator:
         return bool(self.waiting or self.running or self._aborts)
 
     # --- the loop ---------------------------------------------------------------------------------
-    def step(self) -> list[TokenEvent]:
-        events = self._apply_aborts()
+    def step(self) -> list[SequenceOutput]:
+        outputs = self._apply_aborts()
         with self._lock:
             free = self.max_batch - len(self.running)
             admit = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
         if admit:
-            events += self._prefill(admit)
+            outputs += self._guarded(self._prefill, admit)
         elif self.running:
-            events += self._decode()
+            outputs += self._guarded(self._decode, list(self.running))
         self._release_finished()
-        return events
+        return outputs
 
     def run_to_completion(self) -> None:
         while self.has_work():
             self.step()
 
-    def _apply_aborts(self) -> list[TokenEvent]:
+    def _guarded(self, run, seqs: list[Sequence]) -> list[SequenceOutput]:  # noqa: ANN001
+        """Run a prefill or decode; if it raises, only its sequences fail (the batch's others go on)."""
+        try:
+            return run(seqs)
+        except Exception as e:  # noqa: BLE001 - reported per sequence
+            log.exception("generation: a %s step failed for %d sequences", run.__name__.strip("_"), len(seqs))
+            out = []
+            for s in seqs:
+                if not s.finished:
+                    out.append(self._fail(s, f"{type(e).__name__} while running this sequence"))
+            return out
+
+    def _fail(self, s: Sequence, message: str) -> SequenceOutput:
+        s.finish_reason, s.error = "error", message
+        return self._output(s, (), ())
+
+    def _apply_aborts(self) -> list[SequenceOutput]:
         with self._lock:
             aborts, self._aborts = self._aborts, set()
             waiting_hit = [s for s in self.waiting if s.seq_id in aborts]
             for s in waiting_hit:
                 self.waiting.remove(s)
-        events = []
+        outputs = []
         for s in waiting_hit + [s for s in self.running if s.seq_id in aborts]:
             if not s.finished:
                 s.finish_reason = "abort"
-                events.append(TokenEvent(s, None, "", True))
+                outputs.append(self._output(s, (), ()))
         self._release_finished()
-        return events
+        return outputs
 
     def _release_finished(self) -> None:
         """Drop finished rows, moving the last running rows into the holes (cache rows stay a prefix)."""
@@ -156,7 +224,7 @@ class BatchGenerator:
                 s.row = new_row
         self.running = keep
 
-    def _prefill(self, seqs: list[Sequence]) -> list[TokenEvent]:
+    def _prefill(self, seqs: list[Sequence]) -> list[SequenceOutput]:
         base = len(self.running)
         for i, s in enumerate(seqs):
             s.row, s.t_admit = base + i, time.monotonic()
@@ -166,23 +234,28 @@ class BatchGenerator:
         reqs = [PlanRequest(s.request.plan, s.request.routing, s.request.budget) for s in seqs]
         res = self.planner.prefill(self.executor, tokens, rows, lengths, reqs, all_logits=want_all)
         self.running.extend(seqs)
-        events = []
+        logits = res.logits
         for i, s in enumerate(seqs):
             s.plan, s.decisions = res.plans[i], res.decisions[i]
-            logits = res.logits[i]
-            if want_all:
-                if s.request.prompt_logprobs:
-                    s.prompt_logprobs = _prompt_logprobs(logits, s.request.prompt_ids, s.request.params.logprobs)
-                logits = logits[int(lengths[i]) - 1]
+            s.detok = IncrementalDetokenizer(self.model.tokenizer, s.request.prompt_ids) \
+                if self.model.tokenizer is not None else None
+            if s.request.prompt_logprobs:
+                s.prompt_logprobs = self._prompt_logprobs(logits[i], s.request.prompt_ids, s.request.params.logprobs)
+        if want_all:
+            logits = logits[torch.arange(len(seqs)), (lengths - 1).to(logits.device)]
+        outputs = []
+        live = []
+        for i, s in enumerate(seqs):
             if s.request.params.max_tokens == 0:
                 s.finish_reason = "length"
-                events.append(TokenEvent(s, None, "", True))
-                continue
-            events.append(self._accept(s, logits))
-        return events
+                outputs.append(self._output(s, (), ()))
+            else:
+                live.append(i)
+        if live:
+            outputs += self._sample([seqs[i] for i in live], logits[torch.tensor(live, device=logits.device)])
+        return outputs
 
-    def _decode(self) -> list[TokenEvent]:
-        seqs = self.running
+    def _decode(self, seqs: list[Sequence]) -> list[SequenceOutput]:
         plans = plans_tensor([s.plan for s in seqs])  # type: ignore[misc]
         if self.no_cache:  # reference path: recompute every row's whole sequence along its plan
             tokens, lengths = pad_right([s.request.prompt_ids + s.generated for s in seqs])
@@ -192,73 +265,98 @@ class BatchGenerator:
             tokens = torch.tensor([[s.generated[-1]] for s in seqs])
             start = torch.tensor([s.length - 1 for s in seqs])
             out = self.executor.forward(tokens, start, plans=plans)
-        return [self._accept(s, out.logits[i]) for i, s in enumerate(seqs)]
+        return self._sample(seqs, out.logits)
 
-    def _accept(self, s: Sequence, logits: torch.Tensor) -> TokenEvent:
-        """Sample the next token for `s` from its raw logits [V] and update its state."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SequenceOutput]:
+        """Sample the next token of every row of logits [b, V] at once, then advance each sequence alone."""
+        eos = self.model.eos_token_ids
+        rows = []
+        for s in seqs:
+            p = s.request.params
+            n = len(s.generated)
+            rows.append(SampleRow(
+                p, s.seed, n,
+                history=(s.request.prompt_ids + s.generated) if p.repetition_penalty != 1.0 else (),
+                blocked=(*eos, *p.stop_token_ids) if n < p.min_tokens else ()))
+        outputs = []
+        for s, smp in zip(seqs, sample(logits, rows), strict=True):
+            try:
+                outputs.append(self._advance(s, smp))
+            except Exception as e:  # noqa: BLE001 - this row alone fails
+                log.exception("generation: sequence %d failed after sampling", s.seq_id)
+                outputs.append(self._fail(s, f"{type(e).__name__} while processing this sequence's output"))
+        return outputs
+
+    def _advance(self, s: Sequence, smp: Sample) -> SequenceOutput:
+        """Append the sampled token, extend the text, check stop conditions; -> this step's output."""
+        if smp.error is not None:
+            return self._fail(s, smp.error)
         p = s.request.params
-        logits = logits.float()
-        processed = process_logits(logits, p, s.request.prompt_ids + s.generated, len(s.generated),
-                                   self.model.eos_token_ids)
-        tok = choose(processed, p, s.generator)  # type: ignore[arg-type]
+        tok = smp.token_id
         if s.t_first is None:
             s.t_first = time.monotonic()
         s.generated.append(tok)
-        if p.logprobs is not None:
-            s.logprobs.append(_logprob_entry(torch.log_softmax(logits, -1), tok, p.logprobs))
-        reason = None
+        n = len(s.generated)
+        offset = len(s.text)
         eos = tok in self.model.eos_token_ids and not p.ignore_eos
-        if eos or tok in p.stop_token_ids:
-            reason = "stop"
-        text = self._detok(s.generated[:-1] if eos else s.generated)
-        if p.stop:
-            cut = _find_stop(text, p.stop, max(0, len(s.text) - max(map(len, p.stop))))
+        reason = "stop" if eos or tok in p.stop_token_ids else None
+        if not eos and s.detok is not None:
+            s.text += s.detok.step(tok)
+        if n >= p.min_tokens:  # min_tokens holds off stop strings too (as vLLM)
+            cut = s.stops.find(s.text, offset)
             if cut is not None:
-                text, reason = text[:cut], "stop"
-        if reason is None and (len(s.generated) >= p.max_tokens or s.length >= self.max_context):
+                s.text, reason = s.text[:cut], "stop"
+        if reason is None and (n >= p.max_tokens or s.length >= self.max_context):
             reason = "length"
-        s.text = text
         s.finish_reason = reason
-        delta = self._delta(s)
-        return TokenEvent(s, tok, delta, reason is not None)
+        lps: tuple[TokenLogprob, ...] = ()
+        if p.logprobs is not None:
+            assert smp.logprob is not None
+            entry = self._logprob_entry(tok, smp.logprob, offset, [(t, lp) for t, lp in smp.top])
+            s.logprobs.append(entry)
+            lps = (entry,)
+        return self._output(s, (tok,), lps)
 
-    def _detok(self, ids: list[int]) -> str:
-        tok = self.model.tokenizer
-        if tok is None:
-            return ""
-        return tok.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+    def _output(self, s: Sequence, tokens: tuple[int, ...], lps: tuple[TokenLogprob, ...]) -> SequenceOutput:
+        end = len(s.text) if s.finished else len(s.text) - s.stops.held(s.text)
+        delta = ""
+        if end > s.emitted:
+            delta, s.emitted = s.text[s.emitted:end], end
+        first, s.reported = not s.reported, True
+        routing = None
+        if first and s.plan is not None:
+            probs = None if s.decisions is None else tuple(tuple(layer) for layer in s.decisions)
+            routing = RoutingReport(s.plan, probs)
+        prompt_lp = tuple(s.prompt_logprobs) if first and s.request.prompt_logprobs else None
+        return SequenceOutput(
+            seq_id=s.seq_id, num_prompt_tokens=len(s.request.prompt_ids), num_generated_tokens=len(s.generated),
+            token_ids=tokens, text=delta, logprobs=lps, prompt_logprobs=prompt_lp, routing=routing,
+            finish_reason=s.finish_reason, error=s.error)
 
-    @staticmethod
-    def _delta(s: Sequence) -> str:
-        """New text safe to hand out: hold back an unfinished UTF-8 character and a possible stop prefix."""
-        end = len(s.text)
-        if not s.finished:
-            if s.text.endswith("\ufffd"):
-                end -= 1
-            if s.request.params.stop:
-                end -= max(map(len, s.request.params.stop)) - 1
-        if end <= s.emitted:
-            return ""
-        delta, s.emitted = s.text[s.emitted:end], end
-        return delta
+    def _name(self, token_id: int) -> str:
+        return self._names.name(token_id) if self._names is not None else f"token_id:{token_id}"
 
+    def _logprob_entry(self, tok: int, logprob: float, offset: int, top: list[tuple[int, float]]) -> TokenLogprob:
+        ids = [tok] + [t for t, _ in top]
+        names = self._names.names(ids) if self._names is not None else [f"token_id:{t}" for t in ids]
+        return TokenLogprob(tok, names[0], logprob, offset,
+                            tuple((t, nm, lp) for (t, lp), nm in zip(top, names[1:], strict=True)))
 
-def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _logprob_entry(logprobs: torch.Tensor, tok: int, k: int) -> TokenLogprob:
-    top: list[tuple[int, float]] = []
-    if k > 0:
-        vals, idx = torch.topk(logprobs, k)
-        top = [(int(i), float(v)) for v, i in zip(vals, idx, strict=True)]
-    return TokenLogprob(tok, float(logprobs[tok]), top)
-
-
-def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int | None) -> list[TokenLogprob | None]:
-    lp = torch.log_softmax(logits.float(), -1)  # [n, V]
-    out: list[TokenLogprob | None] = [None]
-    for j in range(1, len(prompt)):
-        out.append(_logprob_entry(lp[j - 1], prompt[j], k or 0))
-    return out
+    def _prompt_logprobs(self, logits: torch.Tensor, prompt: list[int], k: int | None) -> list[TokenLogprob]:
+        """logits [n, V] of the prompt positions -> one entry per prompt token (logprob None for the first)."""
+        n = len(prompt)
+        lp = torch.log_softmax(logits[: n - 1].float(), -1)  # [n-1, V]: position j predicts token j+1
+        target = torch.tensor(prompt[1:], device=lp.device)
+        chosen = lp.gather(1, target[:, None]).squeeze(1).clamp(min=MIN_LOGPROB).tolist() if n > 1 else []
+        top_v: list[list[float]] = [[] for _ in chosen]
+        top_i: list[list[int]] = [[] for _ in chosen]
+        if k and n > 1:
+            v, i = torch.topk(lp, min(k, lp.shape[1]), -1)
+            top_v, top_i = v.clamp(min=MIN_LOGPROB).tolist(), i.tolist()
+        offsets = decode_with_offsets(self.model.tokenizer, prompt)[1] if self.model.tokenizer is not None \
+            else [0] * n
+        out = [TokenLogprob(prompt[0], self._name(prompt[0]), None, 0)]
+        for j in range(1, n):
+            out.append(self._logprob_entry(prompt[j], chosen[j - 1], offsets[j],
+                                           list(zip(top_i[j - 1], top_v[j - 1], strict=True))))
+        return out

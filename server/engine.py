@@ -15,10 +15,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
-from routing.generation import BatchGenerator, GenerationRequest, Sequence, TokenEvent
+from routing.generation import BatchGenerator, GenerationRequest, Sequence, SequenceOutput
 from routing.model import BaseModel, load_model
 from routing.planner import FixedPlanner, Planner
 from routing.routers import RouterCheckpointError, RouterPlanner, load_routers
@@ -53,15 +54,16 @@ def make_planner(spec: str, model: BaseModel) -> tuple[Planner, bool]:
 
 @dataclass
 class RequestHandle:
-    """The sequences of one HTTP request (one per prompt and choice) and the queue their events arrive on."""
+    """The sequences of one HTTP request (one per prompt and choice, by choice index) and the queue their
+    outputs arrive on. Holds ids only: the sequences themselves stay with the engine thread."""
 
-    seqs: list[Sequence]
+    seq_ids: list[int]
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[tuple[int, TokenEvent] | BaseException] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[tuple[int, SequenceOutput] | BaseException] = field(default_factory=asyncio.Queue)
 
-    async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
-        """(choice index, event) until every sequence has finished; raises EngineFailure if the engine broke."""
-        remaining = len(self.seqs)
+    async def outputs(self) -> AsyncIterator[tuple[int, SequenceOutput]]:
+        """(choice index, output) until every sequence has finished; raises EngineFailure if the engine broke."""
+        remaining = len(self.seq_ids)
         while remaining:
             item = await self.queue.get()
             if isinstance(item, BaseException):
@@ -70,7 +72,7 @@ class RequestHandle:
                 remaining -= 1
             yield item
 
-    def push(self, item: tuple[int, TokenEvent] | BaseException) -> None:
+    def push(self, item: tuple[int, SequenceOutput] | BaseException) -> None:
         """From the engine thread."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -78,15 +80,44 @@ class RequestHandle:
             pass
 
 
+class EngineClient(Protocol):
+    """What the HTTP layer may use: facts about the served model, tokenization, submit and abort. Serving
+    never touches a live sequence, the tokenizer or the model (a fake engine implements this in tests)."""
+
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def has_routers(self) -> bool: ...
+    @property
+    def max_context(self) -> int: ...
+    @property
+    def max_queue(self) -> int: ...
+    @property
+    def n_layers(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def model_source(self) -> str: ...
+    def require_ready(self) -> None: ...
+    def tokenize(self, text: str) -> list[int]: ...
+    def detokenize(self, ids: list[int]) -> str: ...
+    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    def submit(self, requests: list[GenerationRequest]) -> RequestHandle: ...
+    def abort(self, handle: RequestHandle) -> None: ...
+
+
 @dataclass
 class _Track:
     handle: RequestHandle
     index: int
+    seq: Sequence
     admitted: bool = False
     last_token_t: float | None = None
 
 
 class Engine:
+    """Owns the model on one thread; implements `EngineClient` for the HTTP layer."""
+
     def __init__(self, settings: ServerSettings, model: BaseModel | None = None) -> None:
         self.settings = settings
         self.model = model  # given: used as is (tests); None: loaded by the engine thread
@@ -130,6 +161,39 @@ class Engine:
     def max_context(self) -> int:
         return self._gen.max_context if self._gen is not None else self.loaded.spec.max_context
 
+    @property
+    def max_queue(self) -> int:
+        return self.settings.max_queue
+
+    @property
+    def n_layers(self) -> int:
+        return self.loaded.spec.n_layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loaded.spec.vocab_size
+
+    @property
+    def model_source(self) -> str:
+        return self.loaded.source
+
+    # --- tokenization (any thread: the tokenizers are thread-safe for encode/decode) ---------------
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.loaded.tokenizer(text)["input_ids"])  # type: ignore[operator]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.loaded.tokenizer.decode(ids)  # type: ignore[attr-defined]
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of `messages` rendered with the model's own chat template and the generation prompt
+        (transformers' `apply_chat_template`). Raises ValueError when the model has no chat template."""
+        tok = self.loaded.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"the model {self.model_name!r} has no chat template; use /v1/completions")
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,  # type: ignore[attr-defined]
+                                      return_dict=False)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
     # --- lifetime ---------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="drllm-engine", daemon=True)
@@ -143,8 +207,8 @@ class Engine:
 
     # --- event-loop side --------------------------------------------------------------------------
     def submit(self, requests: list[GenerationRequest]) -> RequestHandle:
-        """Queue the sequences of one HTTP request. Raises EngineNotReady, QueueFull or ValueError (bad request;
-        nothing is queued then)."""
+        """Queue the sequences of one HTTP request. Raises EngineNotReady, QueueFull or ValueError (bad request,
+        ContextLengthError for the context rule; nothing is queued then)."""
         self.require_ready()
         handle = RequestHandle([], asyncio.get_running_loop())
         with self._lock:
@@ -153,13 +217,15 @@ class Engine:
             if len(gen.waiting) + len(requests) > self.settings.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.settings.max_queue} waiting sequences); "
                                 "retry later")
+            queued: list[Sequence] = []
             try:
                 for i, req in enumerate(requests):
                     seq = gen.submit(req)
-                    handle.seqs.append(seq)
-                    self._tracks[seq.seq_id] = _Track(handle, i)
+                    queued.append(seq)
+                    handle.seq_ids.append(seq.seq_id)
+                    self._tracks[seq.seq_id] = _Track(handle, i, seq)
             except ValueError:
-                for seq in handle.seqs:  # withdraw the ones already queued, silently
+                for seq in queued:  # withdraw the ones already queued, silently
                     self._tracks.pop(seq.seq_id, None)
                     gen.abort(seq)
                 raise
@@ -169,7 +235,7 @@ class Engine:
     def abort(self, handle: RequestHandle) -> None:
         """Cancel the handle's unfinished sequences (client gone); their rows free up at the next step."""
         with self._lock:  # only sequences still tracked live in the current batch
-            pending = [s for s in handle.seqs if s.seq_id in self._tracks]
+            pending = [self._tracks[i].seq for i in handle.seq_ids if i in self._tracks]
             for seq in pending:
                 self._gen.abort(seq)  # type: ignore[union-attr]
         if pending:
@@ -218,49 +284,54 @@ class Engine:
                 self._wake.wait(0.5)
                 continue
             try:
-                events = gen.step()
+                outputs = gen.step()
             except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
                 log.exception("engine: step failed; failing %d sequences", len(gen.running) + len(gen.waiting))
                 gen = self._reset(gen.planner, e)
                 continue
-            stats, deliveries = self._dispatch(events, gen)
-            try:  # record before delivering, so a finished response is already counted in /metrics
-                self.stats.on_step(stats)
-            except Exception:  # noqa: BLE001 - metrics must never stop serving
-                log.exception("engine: recording step stats failed")
+            stats, deliveries = self._dispatch(outputs, gen)
+            self._record(stats)  # before delivering, so a finished response is already counted in /metrics
             for handle, item in deliveries:
                 handle.push(item)
 
-    def _dispatch(self, events: list[TokenEvent], gen: BatchGenerator
-                  ) -> tuple[StepStats, list[tuple[RequestHandle, tuple[int, TokenEvent]]]]:
+    def _record(self, stats: StepStats) -> None:
+        try:
+            self.stats.on_step(stats)
+        except Exception:  # noqa: BLE001 - metrics must never stop serving
+            log.exception("engine: recording step stats failed")
+
+    def _dispatch(self, outputs: list[SequenceOutput], gen: BatchGenerator
+                  ) -> tuple[StepStats, list[tuple[RequestHandle, tuple[int, SequenceOutput]]]]:
         now = time.monotonic()
         stats = StepStats(running=len(gen.running), waiting=len(gen.waiting))
-        deliveries: list[tuple[RequestHandle, tuple[int, TokenEvent]]] = []
+        deliveries: list[tuple[RequestHandle, tuple[int, SequenceOutput]]] = []
         with self._lock:
-            for ev in events:
-                seq = ev.seq
-                track = self._tracks.get(seq.seq_id)
+            for out in outputs:
+                track = self._tracks.get(out.seq_id)
                 if track is None:  # withdrawn at submission
                     continue
-                if ev.token_id is not None:
-                    stats.generation_tokens += 1
+                if out.token_ids:
+                    stats.generation_tokens += len(out.token_ids)
                     if track.last_token_t is not None:
                         stats.inter_token_s.append(now - track.last_token_t)
                     track.last_token_t = now
-                if not track.admitted and seq.t_admit is not None:  # this step's prefill admitted it
+                if not track.admitted and track.seq.t_admit is not None:  # this step's prefill admitted it
                     track.admitted = True
-                    stats.prompt_tokens += len(seq.request.prompt_ids)
-                if ev.finished:
-                    del self._tracks[seq.seq_id]
-                    stats.finished.append(_choice_stats(seq, now))
-                deliveries.append((track.handle, (track.index, ev)))
+                    stats.prompt_tokens += out.num_prompt_tokens
+                if out.finished:
+                    del self._tracks[out.seq_id]
+                    stats.finished.append(_choice_stats(track.seq, out.finish_reason or "abort", now))
+                deliveries.append((track.handle, (track.index, out)))
         return stats, deliveries
 
     def _reset(self, planner: Planner, error: Exception) -> BatchGenerator:
-        """Fail every request in flight and continue with a fresh batch."""
+        """Fail every request in flight and continue with a fresh batch (and gauges that say so)."""
         fresh = self._new_generator(planner)
         with self._lock:
             tracks, self._tracks, self._gen = self._tracks, {}, fresh
+        now = time.monotonic()
+        self._record(StepStats(running=0, waiting=0,
+                               finished=[_choice_stats(t.seq, "error", now) for t in tracks.values()]))
         failure = EngineFailure(f"{type(error).__name__} in the engine step")
         for handle in {id(t.handle): t.handle for t in tracks.values()}.values():
             handle.push(failure)
@@ -278,9 +349,9 @@ def _set_cpu_threads(n: int | None) -> None:
     torch.set_num_threads(n)
 
 
-def _choice_stats(seq: Sequence, now: float) -> ChoiceStats:
+def _choice_stats(seq: Sequence, finish_reason: str, now: float) -> ChoiceStats:
     return ChoiceStats(
-        finish_reason=seq.finish_reason or "abort",
+        finish_reason=finish_reason,
         plan=seq.plan,
         budget=seq.request.budget,
         e2e_s=now - seq.t_submit,

@@ -1,7 +1,7 @@
 """Prometheus export of the engine's stats (the only module that imports prometheus_client).
 
 Every series has the label `model` (the served model name); the others come from small fixed sets:
-`status_class` (2xx/4xx/5xx), `finish_reason` (stop/length/abort), `layer` (0..L-1), `decision`
+`status_class` (2xx/4xx/5xx), `finish_reason` (stop/length/abort/error), `layer` (0..L-1), `decision`
 (skip/execute/repeat). Per-choice series (layers, decisions, finish reasons, latencies, budget) count
 each sequence once when it finishes; a request with n choices over k prompts counts n*k times.
 """
@@ -19,7 +19,7 @@ from .stats import ChoiceStats, StepStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 STATUS_CLASSES = ("2xx", "4xx", "5xx")
 BUDGET_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 1.75, 2.0)
 

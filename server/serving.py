@@ -1,19 +1,29 @@
-"""Completions: request -> engine -> response (JSON or SSE chunks), and the one exception -> status mapper."""
+"""Completions: request -> engine -> response (JSON or SSE chunks), and the one exception -> status mapper.
+
+Serving turns the engine's immutable `SequenceOutput` values into OpenAI responses; it never reads a live
+sequence, the tokenizer or the model (everything goes through `EngineClient`), so its formatting is tested
+against a fake engine.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from routing.generation import GenerationRequest, Sequence, TokenLogprob
-from routing.plan import LayerPlan, plan_summary
+from routing.generation import (
+    ContextLengthError,
+    GenerationRequest,
+    RoutingReport,
+    SequenceOutput,
+    TokenLogprob,
+)
+from routing.plan import LayerPlan, execution_cap, plan_summary
 
-from .engine import Engine, RequestHandle
+from .engine import EngineClient, RequestHandle
 from .errors import EngineFailure, EngineNotReady, ModelNotFound, QueueFull, RequestError, Unauthorized
 from .protocol import (
     CompletionChoice,
@@ -53,6 +63,8 @@ def create_error_response(exc: BaseException) -> ErrorResponse:
                        headers={"Retry-After": str(exc.retry_after_s)})
         case EngineNotReady():
             return err(503, str(exc), "service_unavailable", code="model_not_ready", headers={"Retry-After": "5"})
+        case ContextLengthError():
+            return err(400, str(exc), "invalid_request_error", "max_tokens")
         case ValueError():  # a bad request that reached the model side (routing raises plain ValueError)
             return err(400, str(exc), "invalid_request_error")
         case EngineFailure():
@@ -68,10 +80,33 @@ class _Prompt:
     text: str  # the prompt as text (echo)
 
 
+@dataclass
+class _Choice:
+    """One choice, accumulated from its outputs."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    n_generated: int = 0
+    finish_reason: str | None = None
+    routing: RoutingReport | None = None
+
+    def add(self, out: SequenceOutput) -> None:
+        if out.error is not None:
+            raise EngineFailure(out.error)
+        self.text.append(out.text)
+        self.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if out.routing is not None:
+            self.routing = out.routing
+        self.n_generated = out.num_generated_tokens
+        self.finish_reason = out.finish_reason
+
+
 class OpenAIServingCompletion:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
-        self._token_text: dict[int, str] = {}
 
     async def create_completion(self, request: CompletionRequest
                                 ) -> CompletionResponse | ErrorResponse | AsyncIterator[str]:
@@ -83,40 +118,40 @@ class OpenAIServingCompletion:
         meta = _Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.engine.model_name, request, prompts)
         if request.stream:
             return self._stream(meta, handle)
+        choices = [_Choice() for _ in handle.seq_ids]
         try:
-            async for _ in handle.events():
-                pass
+            async for i, out in handle.outputs():
+                choices[i].add(out)
         except Exception as e:  # noqa: BLE001
             return create_error_response(e)
         finally:
-            self.engine.abort(handle)  # no-op unless cancelled (client gone)
-        return self._response(meta, handle)
+            self.engine.abort(handle)  # no-op unless cancelled (client gone) or failed
+        return self._response(meta, choices)
 
     # --- request -> engine ------------------------------------------------------------------------
     def _prepare(self, request: CompletionRequest) -> tuple[list[_Prompt], list[GenerationRequest]]:
         engine = self.engine
-        model = engine.loaded  # EngineNotReady while loading
+        engine.require_ready()  # EngineNotReady while loading
         if request.model not in (None, engine.model_name):
             raise ModelNotFound(f"the model {request.model!r} does not exist; this server serves "
                                 f"{engine.model_name!r}")
-        L = model.spec.n_layers
+        L = engine.n_layers
         plan = None
         if request.plan is not None:
-            if len(request.plan) != L:
-                raise RequestError(f"plan has {len(request.plan)} counts but the model has {L} layers", "plan")
             plan = LayerPlan(tuple(request.plan))
+            try:
+                plan.check_length(L)
+            except ValueError as e:
+                raise RequestError(str(e), "plan") from e
         self._check_budget(request, plan, L)
         prompts = self._prompts(request)
-        if len(prompts) * request.n > engine.settings.max_queue:
+        if len(prompts) * request.n > engine.max_queue:
             raise RequestError(f"{len(prompts)} prompts x n={request.n} exceeds the server's queue of "
-                               f"{engine.settings.max_queue} sequences", "n")
+                               f"{engine.max_queue} sequences", "n")
         reqs = []
         for p in prompts:
             for i in range(request.n):
                 params = request.to_sampling_params(seed_offset=i)
-                if len(p.ids) + params.max_tokens > engine.max_context:
-                    raise RequestError(f"prompt ({len(p.ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                                       f"the model's context of {engine.max_context} tokens", "max_tokens")
                 reqs.append(GenerationRequest(
                     p.ids, params, plan=plan, routing=request.routing, budget=request.budget,
                     prompt_logprobs=request.echo and request.logprobs is not None))
@@ -126,7 +161,7 @@ class OpenAIServingCompletion:
         b = request.budget
         if b is None or request.routing == "full":
             return
-        limit = max(1, math.floor(b * L + 1e-9))  # as routing.routers.apply_budget
+        limit = execution_cap(b, L)
         if plan is not None:
             if plan.executions > limit:
                 raise RequestError(f"plan runs {plan.executions} blocks but budget {b} allows at most {limit}",
@@ -144,108 +179,89 @@ class OpenAIServingCompletion:
             items = [p]  # type: ignore[list-item]
         else:
             items = list(p)  # type: ignore[arg-type]
-        tok = self.engine.loaded.tokenizer
-        vocab = self.engine.loaded.spec.vocab_size
+        vocab = self.engine.vocab_size
         out = []
         for item in items:
             if isinstance(item, str):
-                ids = list(tok(item)["input_ids"])  # type: ignore[operator]
-                text = item
+                ids, text = self.engine.tokenize(item), item
             else:
                 bad = [t for t in item if not 0 <= t < vocab]
                 if bad:
                     raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
-                ids, text = list(item), self._detok(item) if request.echo else ""
+                ids, text = list(item), self.engine.detokenize(item) if request.echo else ""
             if not ids:
                 raise RequestError("the prompt is empty (no tokens)", "prompt")
             out.append(_Prompt(ids, text))
         return out
 
-    # --- engine -> response -----------------------------------------------------------------------
-    def _response(self, meta: _Meta, handle: RequestHandle) -> CompletionResponse:
-        choices = []
-        for i, seq in enumerate(handle.seqs):
+    # --- engine outputs -> response ---------------------------------------------------------------
+    def _response(self, meta: _Meta, choices: list[_Choice]) -> CompletionResponse:
+        out = []
+        echo = meta.request.echo
+        for i, c in enumerate(choices):
             prompt = meta.prompts[i // meta.request.n]
-            text = (prompt.text if meta.request.echo else "") + seq.text
             lp = None
             if meta.request.logprobs is not None:
-                entries = (seq.prompt_logprobs if meta.request.echo else []) + list(seq.logprobs)
-                lp = self._logprobs(entries, prompt.ids if meta.request.echo else [], seq.generated, 0)
-            choices.append(CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=seq.finish_reason,
-                                            routing=_routing(seq)))
-        return CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=choices,
-                                  usage=_usage(meta, handle))
+                lp = _logprobs(c.prompt_logprobs if echo else (), c.logprobs, len(prompt.text) if echo else 0)
+            out.append(CompletionChoice(index=i, text=(prompt.text if echo else "") + "".join(c.text), logprobs=lp,
+                                        finish_reason=c.finish_reason, routing=_routing(c.routing)))
+        return CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=out,
+                                  usage=_usage(meta, choices))
 
     async def _stream(self, meta: _Meta, handle: RequestHandle) -> AsyncIterator[str]:
         request = meta.request
-        started = [False] * len(handle.seqs)
-        n_tokens = [0] * len(handle.seqs)
-        offsets = [0] * len(handle.seqs)
+        choices = [_Choice() for _ in handle.seq_ids]
+        started = [False] * len(choices)
         try:
             try:
-                async for i, ev in handle.events():
-                    seq, prompt = ev.seq, meta.prompts[i // request.n]
-                    text = ev.text_delta
-                    p_ids: list[int] = []
-                    entries: list[TokenLogprob | None] = []
+                async for i, out in handle.outputs():
+                    c, prompt = choices[i], meta.prompts[i // request.n]
+                    c.add(out)
+                    text = out.text
+                    prompt_lps: tuple[TokenLogprob, ...] = ()
                     if not started[i]:  # the first chunk of a choice carries the echoed prompt
                         started[i] = True
                         if request.echo:
                             text = prompt.text + text
-                            if request.logprobs is not None:
-                                p_ids, entries = list(prompt.ids), list(seq.prompt_logprobs)
-                    g_ids: list[int] = []
-                    if ev.token_id is not None:
-                        n_tokens[i] += 1
-                        g_ids = [ev.token_id]
-                        entries.append(seq.logprobs[n_tokens[i] - 1] if request.logprobs is not None else None)
+                            prompt_lps = c.prompt_logprobs
                     lp = None
                     if request.logprobs is not None:
-                        lp = self._logprobs(entries, p_ids, g_ids, offsets[i])
-                        offsets[i] += sum(len(t) for t in lp.tokens)
-                    if not text and not (lp and lp.tokens) and not ev.finished:
+                        lp = _logprobs(prompt_lps, out.logprobs, len(prompt.text) if request.echo else 0)
+                    if not text and not (lp and lp.tokens) and not out.finished:
                         continue
                     choice = CompletionChoice(index=i, text=text, logprobs=lp,
-                                              finish_reason=seq.finish_reason if ev.finished else None,
-                                              routing=_routing(seq) if ev.finished else None)
+                                              finish_reason=out.finish_reason,
+                                              routing=_routing(c.routing) if out.finished else None)
                     yield _sse(CompletionStreamResponse(id=meta.id, created=meta.created, model=meta.model,
                                                         choices=[choice]), request.include_usage)
                 if request.include_usage:
                     yield _sse(CompletionStreamResponse(id=meta.id, created=meta.created, model=meta.model,
-                                                        choices=[], usage=_usage(meta, handle),
-                                                        routing=[_routing(s) for s in handle.seqs]), True)
+                                                        choices=[], usage=_usage(meta, choices),
+                                                        routing=[_routing(c.routing) for c in choices]), True)
             except Exception as e:  # noqa: BLE001 - a failed stream ends with an error chunk, then [DONE]
                 yield f"data: {json.dumps(create_error_response(e).model_dump())}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            self.engine.abort(handle)  # client gone mid-stream: free the rows
+            self.engine.abort(handle)  # client gone mid-stream, or failed: free the rows
 
-    def _logprobs(self, entries: list[TokenLogprob | None], prompt_ids: list[int], gen_ids: list[int],
-                  offset: int) -> CompletionLogProbs:
-        """OpenAI logprobs for prompt tokens (entries may start with None) then generated tokens."""
-        out = CompletionLogProbs()
-        for tid, e in zip(prompt_ids + gen_ids, entries, strict=True):
-            tok = self._detok([tid])
-            out.tokens.append(tok)
-            out.text_offset.append(offset)
-            offset += len(tok)
-            if e is None:
-                out.token_logprobs.append(None)
-                out.top_logprobs.append(None)
-                continue
-            out.token_logprobs.append(e.logprob)
-            top = {self._detok([t]): lp for t, lp in e.top}
-            top.setdefault(tok, e.logprob)
-            out.top_logprobs.append(top)
-        return out
 
-    def _detok(self, ids: list[int]) -> str:
-        if len(ids) == 1 and ids[0] in self._token_text:
-            return self._token_text[ids[0]]
-        text = self.engine.loaded.tokenizer.decode(ids)  # type: ignore[attr-defined]
-        if len(ids) == 1:
-            self._token_text[ids[0]] = text
-        return text
+def _logprobs(prompt: tuple[TokenLogprob, ...] | list[TokenLogprob], generated: list[TokenLogprob] | tuple[TokenLogprob, ...],
+              gen_offset: int) -> CompletionLogProbs:
+    """OpenAI logprobs for prompt tokens (echo; the first has no logprob) then generated tokens. Offsets are
+    the engine's (characters of the prompt text, of the generated text); generated ones are shifted by
+    `gen_offset`, the length of the echoed prompt text."""
+    out = CompletionLogProbs()
+    for e, shift in [(e, 0) for e in prompt] + [(e, gen_offset) for e in generated]:
+        out.tokens.append(e.token)
+        out.text_offset.append(e.text_offset + shift)
+        out.token_logprobs.append(e.logprob)
+        if e.logprob is None:
+            out.top_logprobs.append(None)
+            continue
+        top = {name: lp for _, name, lp in e.top}
+        top.setdefault(e.token, e.logprob)
+        out.top_logprobs.append(top)
+    return out
 
 
 @dataclass
@@ -257,16 +273,16 @@ class _Meta:
     prompts: list[_Prompt]
 
 
-def _routing(seq: Sequence) -> RoutingInfo | None:
-    if seq.plan is None:
+def _routing(report: RoutingReport | None) -> RoutingInfo | None:
+    if report is None:
         return None
-    probs = None if seq.decisions is None else [[round(p, 4) for p in layer] for layer in seq.decisions]
-    return RoutingInfo(**plan_summary(seq.plan), decision_probs=probs)  # type: ignore[arg-type]
+    probs = None if report.decision_probs is None else [[round(p, 4) for p in layer] for layer in report.decision_probs]
+    return RoutingInfo(**plan_summary(report.plan), decision_probs=probs)  # type: ignore[arg-type]
 
 
-def _usage(meta: _Meta, handle: RequestHandle) -> UsageInfo:
+def _usage(meta: _Meta, choices: list[_Choice]) -> UsageInfo:
     prompt = sum(len(p.ids) for p in meta.prompts)  # each prompt once, however many choices (as OpenAI)
-    completion = sum(len(s.generated) for s in handle.seqs)
+    completion = sum(c.n_generated for c in choices)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -278,7 +294,7 @@ def _sse(chunk: CompletionStreamResponse, include_usage: bool) -> str:
     return f"data: {chunk.model_dump_json(exclude=drop)}\n\n"
 
 
-def list_models(engine: Engine, created: int) -> ModelList:
-    model = engine.loaded
-    return ModelList(data=[ModelCard(id=engine.model_name, created=created, root=model.source,
+def list_models(engine: EngineClient, created: int) -> ModelList:
+    engine.require_ready()
+    return ModelList(data=[ModelCard(id=engine.model_name, created=created, root=engine.model_source,
                                      max_model_len=engine.max_context)])

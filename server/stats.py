@@ -12,7 +12,7 @@ from routing.plan import LayerPlan
 class ChoiceStats:
     """One finished sequence (one choice of one request)."""
 
-    finish_reason: str  # stop | length | abort
+    finish_reason: str  # stop | length | abort | error
     plan: LayerPlan | None  # None when aborted before its prefill
     budget: float | None
     e2e_s: float  # submit -> finish
