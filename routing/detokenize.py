@@ -31,12 +31,21 @@ def backend(tokenizer: object) -> Tokenizer | None:
 
 
 class IncrementalDetokenizer:
-    """New text for each new token id; `prompt_ids` give context only (their text is not returned)."""
+    """New text for each new token id; `prompt_ids` give context only (their text is not returned).
 
-    def __init__(self, tokenizer: object, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
+    `step` also returns the token's offset: characters of this detokenizer's text before the token's first
+    character. A token that starts inside a character split across byte tokens gets that character's index
+    (the complete characters of the bytes still held back are counted; needs `names` to know the bytes)."""
+
+    def __init__(self, tokenizer: object, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True,
+                 names: TokenNames | None = None) -> None:
         self._tok = tokenizer
         self._backend = backend(tokenizer)
         self._skip = skip_special_tokens
+        self._names = names
+        self._special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+        self._chars = 0  # characters returned so far
+        self._pending = b""  # bytes of the tokens held back since the last returned text
         context = list(prompt_ids[-_CONTEXT:])
         while context and self._decode(context).endswith("\ufffd"):  # a stream cannot start mid-character
             context.pop()
@@ -52,8 +61,18 @@ class IncrementalDetokenizer:
             return ""
         return self._tok.decode(ids, skip_special_tokens=self._skip)  # type: ignore[attr-defined]
 
-    def step(self, token_id: int) -> str:
-        """The text this token completes ("" while a character is still incomplete)."""
+    def step(self, token_id: int) -> tuple[str, int]:
+        """(the text this token completes, "" while a character is incomplete; the token's offset)."""
+        offset = self._chars + len(self._pending.decode("utf-8", errors="ignore"))
+        piece = self._next(token_id)
+        if piece:
+            self._chars += len(piece)
+            self._pending = b""
+        elif self._names is not None and token_id not in self._special:
+            self._pending += self._names.token_bytes(token_id) or b""
+        return piece, offset
+
+    def _next(self, token_id: int) -> str:
         if self._backend is not None:
             return self._stream.step(self._backend, token_id) or ""
         self._ids.append(token_id)
@@ -65,18 +84,17 @@ class IncrementalDetokenizer:
         return ""
 
 
-def decode_with_offsets(tokenizer: object, ids: Sequence[int]) -> tuple[str, list[int]]:
-    """(text, offsets): offsets[i] = characters of `text` before token i's first character (a token that
-    starts inside a character split across tokens gets that character's index)."""
-    det = IncrementalDetokenizer(tokenizer)
+def decode_with_offsets(tokenizer: object, ids: Sequence[int], names: TokenNames | None = None
+                        ) -> tuple[str, list[int]]:
+    """(text, offsets): offsets[i] = characters of `text` before token i's first character (see
+    `IncrementalDetokenizer.step`)."""
+    det = IncrementalDetokenizer(tokenizer, names=names or TokenNames(tokenizer))
     parts: list[str] = []
     offsets: list[int] = []
-    n = 0
     for t in ids:
-        offsets.append(n)
-        piece = det.step(t)
+        piece, offset = det.step(t)
         parts.append(piece)
-        n += len(piece)
+        offsets.append(offset)
     return "".join(parts), offsets
 
 

@@ -237,7 +237,7 @@ class BatchGenerator:
         logits = res.logits
         for i, s in enumerate(seqs):
             s.plan, s.decisions = res.plans[i], res.decisions[i]
-            s.detok = IncrementalDetokenizer(self.model.tokenizer, s.request.prompt_ids) \
+            s.detok = IncrementalDetokenizer(self.model.tokenizer, s.request.prompt_ids, names=self._names) \
                 if self.model.tokenizer is not None else None
             if s.request.prompt_logprobs:
                 s.prompt_logprobs = self._prompt_logprobs(logits[i], s.request.prompt_ids, s.request.params.logprobs)
@@ -297,13 +297,14 @@ class BatchGenerator:
             s.t_first = time.monotonic()
         s.generated.append(tok)
         n = len(s.generated)
-        offset = len(s.text)
+        offset = before = len(s.text)
         eos = tok in self.model.eos_token_ids and not p.ignore_eos
         reason = "stop" if eos or tok in p.stop_token_ids else None
         if not eos and s.detok is not None:
-            s.text += s.detok.step(tok)
+            piece, offset = s.detok.step(tok)
+            s.text += piece
         if n >= p.min_tokens:  # min_tokens holds off stop strings too (as vLLM)
-            cut = s.stops.find(s.text, offset)
+            cut = s.stops.find(s.text, before)
             if cut is not None:
                 s.text, reason = s.text[:cut], "stop"
         if reason is None and (n >= p.max_tokens or s.length >= self.max_context):
@@ -353,8 +354,8 @@ class BatchGenerator:
         if k and n > 1:
             v, i = torch.topk(lp, min(k, lp.shape[1]), -1)
             top_v, top_i = v.clamp(min=MIN_LOGPROB).tolist(), i.tolist()
-        offsets = decode_with_offsets(self.model.tokenizer, prompt)[1] if self.model.tokenizer is not None \
-            else [0] * n
+        offsets = decode_with_offsets(self.model.tokenizer, prompt, self._names)[1] \
+            if self.model.tokenizer is not None else [0] * n
         out = [TokenLogprob(prompt[0], self._name(prompt[0]), None, 0)]
         for j in range(1, n):
             out.append(self._logprob_entry(prompt[j], chosen[j - 1], offsets[j],

@@ -84,8 +84,9 @@ class SamplingParams:
 
     @property
     def truncates(self) -> bool:
-        """Whether top-k or top-p cut the distribution (those rows are sampled among the most likely tokens)."""
-        return self.top_p < 1.0 or self.top_k > 0
+        """Whether top-k, top-p or min-p cut the distribution (those rows are sampled among the most likely
+        tokens, in descending order; the others over the vocabulary in id order)."""
+        return self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0
 
 
 def new_seed() -> int:
@@ -149,7 +150,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow], candidates: int = CA
             tok, ok, more = _sample_truncated(z, [params[i] for i in subset], u[idx], min(candidates, V))
             refine[idx] = more
         else:
-            tok, ok = _sample_full(z, [params[i] for i in subset], u[idx])
+            tok, ok = _sample_full(z, u[idx])
         token[idx] = tok
         bad[idx] |= ~ok
     k = max((p.logprobs or 0 for p in params), default=0)
@@ -252,11 +253,9 @@ def _sample_truncated(z: torch.Tensor, ps: list[SamplingParams], u: torch.Tensor
     return tok, torch.isfinite(lse.squeeze(1)), more
 
 
-def _sample_full(z: torch.Tensor, ps: list[SamplingParams], u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows without top-k/top-p: over the whole vocabulary (min-p applied) -> (token [n], ok [n])."""
+def _sample_full(z: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that do not truncate: over the whole vocabulary in id order -> (token [n], ok [n])."""
     probs = torch.softmax(z, -1)
-    if any(p.min_p > 0 for p in ps):
-        probs = probs * (probs >= _column([p.min_p for p in ps], z.device) * probs.max(-1, keepdim=True).values)
     return _pick(probs, u), torch.isfinite(probs.sum(-1))
 
 
