@@ -2,7 +2,7 @@
 
 Extensions to OpenAI's request: `budget` (float in (0, 2]: most block executions as a fraction of L),
 `routing` ("auto" | "full"), `plan` (a fixed per-layer plan of 0/1/2 counts, overriding routers and
-budget; handy for tests and benchmarks), and vLLM's `top_k`, `min_tokens`, `repetition_penalty`,
+budget; handy for tests and benchmarks), and vLLM's `top_k`, `min_p`, `min_tokens`, `repetition_penalty`,
 `ignore_eos`. Responses add a `routing` object per choice.
 """
 
@@ -75,6 +75,7 @@ class CompletionRequest(OpenAIBaseModel):
     frequency_penalty: float | None = None
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
     min_tokens: int = Field(0, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
@@ -147,7 +148,7 @@ class CompletionRequest(OpenAIBaseModel):
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
-                top_k=pick("top_k", 0), seed=None if self.seed is None else self.seed + seed_offset,
+                top_k=pick("top_k", 0), min_p=pick("min_p", 0.0), seed=None if self.seed is None else self.seed + seed_offset,
                 stop=tuple(stop), min_tokens=self.min_tokens, repetition_penalty=pick("repetition_penalty", 1.0),
                 logprobs=self.logprobs, ignore_eos=self.ignore_eos,
             )
