@@ -25,9 +25,10 @@ Decide = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class ForwardOutput:
-    logits: torch.Tensor  # [b, vocab] (last valid token) or [b, n, vocab]
+    logits: torch.Tensor  # [b, vocab] (last valid token) or [b, n, vocab]; empty when stopped before layer L
     counts: torch.Tensor  # [b, L] CPU long: the plan each row ran
     entering: list[torch.Tensor] | None = None  # with capture: hidden state entering each block, [b, n, d]
+    hidden: torch.Tensor | None = None  # with stop < L: the hidden state leaving block stop-1, [b, n, d]
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +153,7 @@ class RoutedExecutor:
         all_logits: bool = False,
         capture: bool = False,
         resume: tuple[int, torch.Tensor] | None = None,
+        stop: int | None = None,
     ) -> ForwardOutput:
         """Run `tokens` [b, n] (right-padded; `lengths` [b] valid tokens per row, default n) at positions
         start[b] + 0..n-1, into cache rows `rows` [b] (default 0..b-1), along `plans` [b, L] or, when
@@ -159,7 +161,9 @@ class RoutedExecutor:
 
         capture: also return the hidden state entering every block. resume=(layer, hidden): start at
         `layer` from `hidden` [b, n, d]; the cache slots of the earlier layers must already hold these
-        rows' keys and values (a previous forward of the same tokens whose plan agrees before `layer`)."""
+        rows' keys and values (a previous forward of the same tokens whose plan agrees before `layer`).
+        stop: run blocks only up to stop-1 and return their output as `hidden` (no logits); with resume, this
+        runs a range of layers for a chunk of tokens (layer-major chunked prefill)."""
         dev = self.model.device
         b, n = tokens.shape
         L = self.n_layers
@@ -198,7 +202,7 @@ class RoutedExecutor:
         selections = None if decide is not None else self._selections(counts, dev)
         gather = b * n >= self.subset_min_tokens
 
-        for layer in range(first, L):
+        for layer in range(first, L if stop is None else stop):
             if entering is not None:
                 entering.append(h)
             if selections is None:
@@ -227,6 +231,8 @@ class RoutedExecutor:
                     out = self._block(layer, repeat, h[idx], sub_rope, span or pos[idx], sub_rows, key_len,
                                       sub_mask, causal)
                     h = h.index_copy(0, idx, out)
+        if stop is not None and stop < L:
+            return ForwardOutput(logits=h.new_empty(0), counts=counts, entering=entering, hidden=h)
         if all_logits:
             logits = self.head(h)
         else:
