@@ -25,10 +25,10 @@ Decide = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class ForwardOutput:
-    logits: torch.Tensor  # [b, vocab] (last valid token) or [b, n, vocab]; empty when stopped before layer L
+    logits: torch.Tensor  # [b, vocab] (last valid token) or [b, n, vocab]; empty with `stop`
     counts: torch.Tensor  # [b, L] CPU long: the plan each row ran
     entering: list[torch.Tensor] | None = None  # with capture: hidden state entering each block, [b, n, d]
-    hidden: torch.Tensor | None = None  # with stop < L: the hidden state leaving block stop-1, [b, n, d]
+    hidden: torch.Tensor | None = None  # with `stop`: the hidden state leaving block stop-1, [b, n, d]
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +231,7 @@ class RoutedExecutor:
                     out = self._block(layer, repeat, h[idx], sub_rope, span or pos[idx], sub_rows, key_len,
                                       sub_mask, causal)
                     h = h.index_copy(0, idx, out)
-        if stop is not None and stop < L:
+        if stop is not None:
             return ForwardOutput(logits=h.new_empty(0), counts=counts, entering=entering, hidden=h)
         if all_logits:
             logits = self.head(h)

@@ -19,19 +19,23 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from .chunked_prefill import LayerMajorExecutor, SteppedCall
 from .detokenize import IncrementalDetokenizer, StopStrings, TokenNames, decode_with_offsets
 from .executor import RoutedExecutor, pad_right
 from .model import BaseModel
 from .plan import LayerPlan
-from .planner import FixedPlanner, Planner, PlanRequest, plans_tensor
+from .planner import FixedPlanner, Planner, PlanRequest, PrefillResult, plans_tensor
 from .sampling import MIN_LOGPROB, Sample, SampleRow, SamplingParams, new_seed, sample
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
+LONG_PROMPT = 256  # tokens: longer prompts get a chunked prefill
+CHUNK_TOKENS = 128  # tokens per block call in a chunked prefill
 
 
 class ContextLengthError(ValueError):
@@ -129,7 +133,12 @@ class Sequence:
 
 class BatchGenerator:
     def __init__(self, model: BaseModel, max_batch: int = 8, planner: Planner | None = None,
-                 attn_impl: str = "sdpa", no_cache: bool = False, max_context: int | None = None) -> None:
+                 attn_impl: str = "sdpa", no_cache: bool = False, max_context: int | None = None,
+                 long_prompt: int = LONG_PROMPT, chunk_tokens: int = CHUNK_TOKENS,
+                 prefill_budget: int | None = None) -> None:
+        """long_prompt: prompts with more tokens are prefilled in chunks between decode steps (see
+        `routing.chunked_prefill`), chunk_tokens tokens at a time, at most prefill_budget token-block units
+        per step (default: chunk_tokens x the number of blocks)."""
         self.model = model
         self.executor = RoutedExecutor(model, max_batch=max_batch, attn_impl=attn_impl)
         self.planner = planner or FixedPlanner()
@@ -141,6 +150,9 @@ class BatchGenerator:
         self._aborts: set[int] = set()
         self._lock = threading.Lock()
         self._names = TokenNames(model.tokenizer) if model.tokenizer is not None else None
+        self.long_prompt, self.chunk_tokens = long_prompt, chunk_tokens
+        self.prefill_budget = prefill_budget or chunk_tokens * model.spec.n_layers
+        self._long: tuple[Sequence, SteppedCall, torch.Tensor, bool] | None = None  # the chunked prefill
 
     # --- requests ---------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Sequence:
@@ -164,20 +176,51 @@ class BatchGenerator:
             self._aborts.add(seq.seq_id)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._aborts)
+        return bool(self.waiting or self.running or self._aborts or self._long)
 
     # --- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[SequenceOutput]:
+        """One engine step: admit short prompts (one batched prefill) or decode the running rows, and advance
+        a long prompt's chunked prefill by one step's budget."""
         outputs = self._apply_aborts()
-        with self._lock:
-            free = self.max_batch - len(self.running)
-            admit = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        admit, long = self._admissions()
+        if long is not None:
+            self._start_long(long)
         if admit:
             outputs += self._guarded(self._prefill, admit)
         elif self.running:
             outputs += self._guarded(self._decode, list(self.running))
+        if self._long is not None:
+            outputs += self._guarded(self._advance_long, [self._long[0]])
         self._release_finished()
         return outputs
+
+    def _admissions(self) -> tuple[list[Sequence], Sequence | None]:
+        """Waiting sequences to admit now, in order: short prompts into free rows; the first long prompt (more
+        than `long_prompt` tokens) starts a chunked prefill in the top row when none is running (short ones
+        may pass a long one that has to wait)."""
+        with self._lock:
+            long_row = 1 if self._long is not None else 0
+            free = self.max_batch - len(self.running) - long_row
+            admit: list[Sequence] = []
+            long = None
+            for s in list(self.waiting):
+                if len(s.request.prompt_ids) > self.long_prompt and not self.no_cache:
+                    if long is None and self._long is None and free >= 1 and not admit:
+                        long, free = s, free - 1
+                        self.waiting.remove(s)
+                    continue
+                if len(admit) >= free:
+                    break
+                admit.append(s)
+                self.waiting.remove(s)
+        return admit, long
+
+    def close(self) -> None:
+        """Unwind a chunked prefill in progress (its helper thread) when this generator is dropped."""
+        if self._long is not None:
+            self._long[1].cancel()
+            self._long = None
 
     def run_to_completion(self) -> None:
         while self.has_work():
@@ -205,6 +248,10 @@ class BatchGenerator:
             waiting_hit = [s for s in self.waiting if s.seq_id in aborts]
             for s in waiting_hit:
                 self.waiting.remove(s)
+        if self._long is not None and self._long[0].seq_id in aborts:
+            waiting_hit.append(self._long[0])
+            self._long[1].cancel()
+            self._long = None
         outputs = []
         for s in waiting_hit + [s for s in self.running if s.seq_id in aborts]:
             if not s.finished:
@@ -234,6 +281,39 @@ class BatchGenerator:
         reqs = [PlanRequest(s.request.plan, s.request.routing, s.request.budget) for s in seqs]
         res = self.planner.prefill(self.executor, tokens, rows, lengths, reqs, all_logits=want_all)
         self.running.extend(seqs)
+        return self._prefilled(seqs, res, lengths, want_all)
+
+    def _start_long(self, s: Sequence) -> None:
+        """Begin the layer-major chunked prefill of one long prompt in the top cache row."""
+        s.row, s.t_admit = self.max_batch - 1, time.monotonic()
+        tokens, lengths = pad_right([s.request.prompt_ids])
+        rows = torch.tensor([s.row])
+        want_all = s.request.prompt_logprobs
+        req = PlanRequest(s.request.plan, s.request.routing, s.request.budget)
+
+        def run(pause: Callable[[], None]) -> PrefillResult:
+            ex = LayerMajorExecutor(self.executor, pause, self.chunk_tokens, self.prefill_budget)
+            return self.planner.prefill(ex, tokens, rows, lengths, [req], all_logits=want_all)  # type: ignore[arg-type]
+
+        self._long = (s, SteppedCall(run), lengths, want_all)
+
+    def _advance_long(self, seqs: list[Sequence]) -> list[SequenceOutput]:
+        assert self._long is not None
+        s, call, lengths, want_all = self._long
+        if not call.advance():
+            return []
+        self._long = None
+        if call.error is not None:
+            raise call.error
+        new_row = len(self.running)  # join the running prefix
+        self.executor.cache.move_row(s.row, new_row)
+        s.row = new_row
+        self.running.append(s)
+        return self._prefilled([s], call.result, lengths, want_all)
+
+    def _prefilled(self, seqs: list[Sequence], res: PrefillResult, lengths: torch.Tensor, want_all: bool
+                   ) -> list[SequenceOutput]:
+        """After a prefill: fix plans, start detokenizers, prompt logprobs, and sample the first tokens."""
         logits = res.logits
         for i, s in enumerate(seqs):
             s.plan, s.decisions = res.plans[i], res.decisions[i]

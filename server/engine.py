@@ -287,6 +287,7 @@ class Engine:
                 outputs = gen.step()
             except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
                 log.exception("engine: step failed; failing %d sequences", len(gen.running) + len(gen.waiting))
+                gen.close()
                 gen = self._reset(gen.planner, e)
                 continue
             stats, deliveries = self._dispatch(outputs, gen)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from tiny import ARCHS, tiny_model
+import torch
+from tiny import ARCHS, random_routers, tiny_model
 from toytok import CHARS, toy_model
 
 from routing.detokenize import IncrementalDetokenizer, StopStrings, TokenNames, decode_with_offsets
 from routing.executor import ForwardOutput
 from routing.generation import BatchGenerator, ContextLengthError, GenerationRequest, SequenceOutput
 from routing.model import BaseModel
+from routing.routers import RouterPlanner
 from routing.sampling import SamplingParams
 
 
@@ -175,3 +177,67 @@ def test_every_token_of_the_vocabulary_has_its_own_name(tok) -> None:  # noqa: A
     all_names = [names.name(i) for i in range(len(tok))]
     assert len(set(all_names)) == len(all_names)
     assert names.names([5, 5, 7]) == [names.name(5), names.name(5), names.name(7)]
+
+
+# --- layer-major chunked prefill -------------------------------------------------------------------------
+def chunked(model: BaseModel, planner: object = None, **kw: object) -> BatchGenerator:
+    return BatchGenerator(model, max_batch=3, planner=planner, long_prompt=8, chunk_tokens=5,  # type: ignore[arg-type]
+                          prefill_budget=12, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_equals_one_prefill(arch: str) -> None:
+    model = tiny_model(arch)
+    prompt = [(7 * i + 3) % 96 for i in range(23)]
+    params = SamplingParams(max_tokens=5, temperature=0, logprobs=2, ignore_eos=True)
+    for planner_of in (lambda: None, lambda: RouterPlanner(random_routers(model, 2))):
+        for budget in (None, 0.5):
+            req = GenerationRequest(prompt, params, budget=budget, prompt_logprobs=True)
+            whole = BatchGenerator(model, max_batch=3, planner=planner_of())
+            a = whole.submit(req)
+            whole.run_to_completion()
+            gen = chunked(model, planner_of())
+            b = gen.submit(req)
+            steps = 0
+            while gen.has_work():
+                gen.step()
+                steps += 1
+            assert steps > 5 + 3  # the prefill took several steps
+            assert b.plan == a.plan and b.generated == a.generated
+            torch.testing.assert_close(torch.tensor([x.logprob for x in b.logprobs]),
+                                       torch.tensor([x.logprob for x in a.logprobs]), atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor([x.logprob for x in b.prompt_logprobs[1:]]),
+                                       torch.tensor([x.logprob for x in a.prompt_logprobs[1:]]), atol=1e-4, rtol=0)
+
+
+def test_running_streams_keep_their_pace_during_a_chunked_prefill() -> None:
+    model = tiny_model("qwen2")
+    short = GenerationRequest([1, 2, 3], greedy(30))
+    long = GenerationRequest([(5 * i) % 96 for i in range(40)], greedy(4))
+    gen = chunked(model)
+    s = gen.submit(short)
+    gen.step()  # admitted
+    t = gen.submit(long)
+    per_step = []
+    while not t.generated:
+        outs = gen.step()
+        per_step.append(sum(len(o.token_ids) for o in outs if o.seq_id == s.seq_id))
+    assert len(per_step) > 4 and all(n == 1 for n in per_step)  # a token every step of the long prefill
+    gen.run_to_completion()
+    assert s.generated == run_alone(model, short) and t.generated == run_alone(model, long)
+
+
+def test_aborting_a_chunked_prefill_frees_it() -> None:
+    model = tiny_model("llama")
+    gen = chunked(model)
+    t = gen.submit(GenerationRequest(list(range(40)), greedy(4)))
+    gen.step()
+    gen.step()
+    gen.abort(t)
+    outs = gen.step()
+    assert [o.finish_reason for o in outs if o.seq_id == t.seq_id] == ["abort"]
+    assert not gen.has_work()
+    after = GenerationRequest(list(range(30)), greedy(3))
+    u = gen.submit(after)
+    gen.run_to_completion()
+    assert u.generated == run_alone(model, after)

@@ -1,0 +1,152 @@
+"""Layer-major chunked prefill: a long prompt is prefilled a bounded amount per engine step, interleaved with
+the decode steps of the running rows, while routing still sees the whole prompt.
+
+Routers need the whole prompt: router l reads the hidden state of *every* prompt token entering block l.
+A token-major chunking (vLLM's: all layers for tokens 0..c, then for c..2c) would have to decide the plan
+before the prompt's end is seen. So the prompt is run **layer by layer**: block l runs over the whole
+prompt in token chunks of `chunk_tokens` (each chunk at its offset, attending to the keys of the chunks
+before it, which is exactly causal attention), and only then is router l+1 asked, with the complete hidden
+state. Each engine step spends at most `budget` token-block units (tokens x block executions) on the
+prompt, so a 6,000-token prompt costs every running stream a bounded delay per step instead of one long
+stall. The result (logits, KV cache, plan) equals an unchunked prefill.
+
+How the planner meets this without knowing it: `LayerMajorExecutor` stands in for the `RoutedExecutor`
+the planner drives. Its `forward` runs the planner's `decide` callback (or fixed plan) layer by layer as
+above and calls `pause()` whenever the step's budget is spent. The planner's `prefill` call runs in a
+`SteppedCall`, a helper thread that runs only while the engine thread waits for it (a coroutine: never two
+threads in torch at once), so the planner code (routers, budget re-runs) stays the one implementation.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .executor import Decide, ForwardOutput, RoutedExecutor
+
+
+class Cancelled(Exception):
+    """Raised inside a `SteppedCall` whose owner gave up on it (the sequence was aborted)."""
+
+
+class SteppedCall:
+    """Runs `fn(pause)` on a helper thread, one slice at a time: `advance()` (engine thread) lets it run until
+    it calls `pause()` or returns, and waits meanwhile. Exactly one of the two threads runs at any time."""
+
+    def __init__(self, fn: Callable[[Callable[[], None]], Any]) -> None:
+        self._fn = fn
+        self._go = threading.Semaphore(0)
+        self._back = threading.Semaphore(0)
+        self._cancelled = False
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="drllm-prefill", daemon=True)
+        self._started = False
+
+    def _main(self) -> None:
+        self._go.acquire()
+        try:
+            if self._cancelled:
+                raise Cancelled
+            self.result = self._fn(self._pause)
+        except BaseException as e:  # noqa: BLE001 - handed to the owner
+            self.error = e
+        self.done = True
+        self._back.release()
+
+    def _pause(self) -> None:
+        self._back.release()
+        self._go.acquire()
+        if self._cancelled:
+            raise Cancelled
+
+    def advance(self) -> bool:
+        """Run the next slice; True when the call has finished (see `result` / `error`)."""
+        if self.done:
+            return True
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        self._go.release()
+        self._back.acquire()
+        return self.done
+
+    def cancel(self) -> None:
+        """Unwind the helper thread (its next `pause` raises Cancelled) and wait for it."""
+        if self.done:
+            return
+        self._cancelled = True
+        if not self._started:
+            self.done = True
+            return
+        while not self.advance():
+            pass
+
+
+class LayerMajorExecutor:
+    """A `RoutedExecutor` stand-in for one long prefill: same `forward` contract, run layer by layer in token
+    chunks with a `pause()` after every `budget` token-block units. Rows must share a start (a prefill)."""
+
+    def __init__(self, inner: RoutedExecutor, pause: Callable[[], None], chunk_tokens: int, budget: int) -> None:
+        self.inner = inner
+        self.model = inner.model
+        self.cache = inner.cache
+        self._pause = pause
+        self.chunk_tokens = max(1, chunk_tokens)
+        self.budget = max(1, budget)
+        self._spent = 0
+
+    @property
+    def n_layers(self) -> int:
+        return self.inner.n_layers
+
+    def _spend(self, units: int) -> None:
+        if self._spent and self._spent + units > self.budget:
+            self._pause()
+            self._spent = 0
+        self._spent += units
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: torch.Tensor, plans: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None, lengths: torch.Tensor | None = None, decide: Decide | None = None,
+                all_logits: bool = False, capture: bool = False, resume: tuple[int, torch.Tensor] | None = None,
+                ) -> ForwardOutput:
+        """As `RoutedExecutor.forward` for a prefill (tokens [b, n] right-padded, every row starting at
+        start[0]); the same logits, counts, captured states and cache contents."""
+        b, n = tokens.shape
+        L = self.n_layers
+        if plans is None and decide is None:
+            raise ValueError("forward needs plans or a decide callback")
+        counts = torch.ones(b, L, dtype=torch.long) if plans is None else plans.cpu().long().clone()
+        lengths_cpu = torch.full((b,), n, dtype=torch.long) if lengths is None else lengths.cpu().long()
+        s0 = int(start.reshape(-1)[0])
+        self.cache.reserve(s0 + n)
+        first, h = resume if resume is not None else (0, self.model.embed(tokens.to(self.model.device)))
+        entering: list[torch.Tensor] | None = [] if capture else None
+        for layer in range(first, L):
+            if entering is not None:
+                entering.append(h)
+            if decide is not None:
+                counts[:, layer] = decide(layer, h, lengths_cpu).cpu().long()
+            runs = int(counts[:, layer].max())
+            if runs == 0:
+                continue
+            parts = []
+            for a in range(0, n, self.chunk_tokens):
+                z = min(n, a + self.chunk_tokens)
+                self._spend((z - a) * b * runs)
+                out = self.inner.forward(tokens[:, a:z], start + a, plans=counts, rows=rows,
+                                         resume=(layer, h[:, a:z]), stop=layer + 1)
+                assert out.hidden is not None
+                parts.append(out.hidden)
+            h = torch.cat(parts, 1)
+        if all_logits:
+            logits = self.model.head(h)
+        else:
+            dev = h.device
+            logits = self.model.head(h[torch.arange(b, device=dev), (lengths_cpu - 1).to(dev)])
+        return ForwardOutput(logits=logits, counts=counts, entering=entering)
