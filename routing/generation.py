@@ -178,6 +178,11 @@ class BatchGenerator:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._aborts or self._long)
 
+    @property
+    def num_running(self) -> int:
+        """Sequences holding a cache row: the running rows and a chunked prefill in progress."""
+        return len(self.running) + (self._long is not None)
+
     # --- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[SequenceOutput]:
         """One engine step: admit short prompts (one batched prefill) or decode the running rows, and advance
@@ -206,7 +211,7 @@ class BatchGenerator:
             long = None
             for s in list(self.waiting):
                 if len(s.request.prompt_ids) > self.long_prompt and not self.no_cache:
-                    if long is None and self._long is None and free >= 1 and not admit:
+                    if long is None and self._long is None and free - len(admit) >= 1:
                         long, free = s, free - 1
                         self.waiting.remove(s)
                     continue
@@ -300,9 +305,15 @@ class BatchGenerator:
     def _advance_long(self, seqs: list[Sequence]) -> list[SequenceOutput]:
         assert self._long is not None
         s, call, lengths, want_all = self._long
-        if not call.advance():
-            return []
-        self._long = None
+        try:
+            if not call.advance():
+                return []
+        except BaseException:
+            call.cancel()
+            raise
+        finally:
+            if call.done:
+                self._long = None
         if call.error is not None:
             raise call.error
         new_row = len(self.running)  # join the running prefix

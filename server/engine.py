@@ -286,7 +286,7 @@ class Engine:
             try:
                 outputs = gen.step()
             except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
-                log.exception("engine: step failed; failing %d sequences", len(gen.running) + len(gen.waiting))
+                log.exception("engine: step failed; failing %d sequences", gen.num_running + len(gen.waiting))
                 gen.close()
                 gen = self._reset(gen.planner, e)
                 continue
@@ -304,7 +304,7 @@ class Engine:
     def _dispatch(self, outputs: list[SequenceOutput], gen: BatchGenerator
                   ) -> tuple[StepStats, list[tuple[RequestHandle, tuple[int, SequenceOutput]]]]:
         now = time.monotonic()
-        stats = StepStats(running=len(gen.running), waiting=len(gen.waiting))
+        stats = StepStats(running=gen.num_running, waiting=len(gen.waiting))
         deliveries: list[tuple[RequestHandle, tuple[int, SequenceOutput]]] = []
         with self._lock:
             for out in outputs:
