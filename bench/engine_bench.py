@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from routing import sampling
 from routing.generation import BatchGenerator, GenerationRequest
 from routing.model import load_model
 from routing.sampling import SamplingParams
@@ -43,6 +44,14 @@ def bench_sampling(args: argparse.Namespace) -> None:
         return out
 
     gen._sample = sample_timed  # type: ignore[method-assign]
+    exact = {"rows": 0}
+    real_exact = sampling._exact
+
+    def counted_exact(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        exact["rows"] += 1
+        return real_exact(*a, **k)
+
+    sampling._exact = counted_exact
     for i in range(args.batch):
         ids = tok(PROMPTS[i % len(PROMPTS)])["input_ids"]  # type: ignore[operator]
         gen.submit(GenerationRequest(ids, SamplingParams(max_tokens=args.new_tokens, temperature=1.0,
@@ -56,10 +65,10 @@ def bench_sampling(args: argparse.Namespace) -> None:
     total = time.perf_counter() - t0
     print(f"torch threads {torch.get_num_threads()}, device {model.device}, batch {args.batch}, "
           f"top_p {args.top_p}, {args.new_tokens} new tokens")
-    print("| decode steps | step ms | sampling+detok ms/step | share |")
-    print("|---|---|---|---|")
+    print("| decode steps | step ms | sampling+detok ms/step | share | rows redone exactly (flat top-p) |")
+    print("|---|---|---|---|---|")
     print(f"| {steps} | {1e3 * total / steps:.1f} | {1e3 * timed['sample'] / steps:.2f} | "
-          f"{100 * timed['sample'] / total:.1f} % |")
+          f"{100 * timed['sample'] / total:.1f} % | {exact['rows']} of {steps * args.batch} |")
 
 
 def bench_long_prompt(args: argparse.Namespace) -> None:
