@@ -34,8 +34,9 @@ from .sampling import MIN_LOGPROB, Sample, SampleRow, SamplingParams, new_seed, 
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
-LONG_PROMPT = 256  # tokens: longer prompts get a chunked prefill
-CHUNK_TOKENS = 128  # tokens per block call in a chunked prefill
+# chunked prefill: tokens per block call (and, times L, token-block units per step), by device. On a CPU a
+# decode step costs about as much as a 32-token prefill.
+CHUNK_TOKENS = {"cpu": 32, "cuda": 512}
 
 
 class ContextLengthError(ValueError):
@@ -134,11 +135,12 @@ class Sequence:
 class BatchGenerator:
     def __init__(self, model: BaseModel, max_batch: int = 8, planner: Planner | None = None,
                  attn_impl: str = "sdpa", no_cache: bool = False, max_context: int | None = None,
-                 long_prompt: int = LONG_PROMPT, chunk_tokens: int = CHUNK_TOKENS,
+                 long_prompt: int | None = None, chunk_tokens: int | None = None,
                  prefill_budget: int | None = None) -> None:
         """long_prompt: prompts with more tokens are prefilled in chunks between decode steps (see
-        `routing.chunked_prefill`), chunk_tokens tokens at a time, at most prefill_budget token-block units
-        per step (default: chunk_tokens x the number of blocks)."""
+        `routing.chunked_prefill`; None: never, the right choice for offline batches), chunk_tokens tokens at
+        a time (default by device, `CHUNK_TOKENS`), at most prefill_budget token-block units per step
+        (default chunk_tokens x L)."""
         self.model = model
         self.executor = RoutedExecutor(model, max_batch=max_batch, attn_impl=attn_impl)
         self.planner = planner or FixedPlanner()
@@ -150,8 +152,9 @@ class BatchGenerator:
         self._aborts: set[int] = set()
         self._lock = threading.Lock()
         self._names = TokenNames(model.tokenizer) if model.tokenizer is not None else None
-        self.long_prompt, self.chunk_tokens = long_prompt, chunk_tokens
-        self.prefill_budget = prefill_budget or chunk_tokens * model.spec.n_layers
+        self.chunk_tokens = chunk_tokens or CHUNK_TOKENS.get(model.device.type, CHUNK_TOKENS["cuda"])
+        self.long_prompt = long_prompt
+        self.prefill_budget = prefill_budget or self.chunk_tokens * model.spec.n_layers
         self._long: tuple[Sequence, SteppedCall, torch.Tensor, bool] | None = None  # the chunked prefill
 
     # --- requests ---------------------------------------------------------------------------------
@@ -210,7 +213,8 @@ class BatchGenerator:
             admit: list[Sequence] = []
             long = None
             for s in list(self.waiting):
-                if len(s.request.prompt_ids) > self.long_prompt and not self.no_cache:
+                if self.long_prompt is not None and len(s.request.prompt_ids) > self.long_prompt \
+                        and not self.no_cache:
                     if long is None and self._long is None and free - len(admit) >= 1:
                         long, free = s, free - 1
                         self.waiting.remove(s)

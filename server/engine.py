@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from routing.generation import BatchGenerator, GenerationRequest, Sequence, SequenceOutput
+from routing.generation import CHUNK_TOKENS, BatchGenerator, GenerationRequest, Sequence, SequenceOutput
 from routing.model import BaseModel, load_model
 from routing.planner import FixedPlanner, Planner
 from routing.routers import RouterCheckpointError, RouterPlanner, load_routers
@@ -273,7 +273,9 @@ class Engine:
 
     def _new_generator(self, planner: Planner) -> BatchGenerator:
         assert self.model is not None
-        return BatchGenerator(self.model, max_batch=self.settings.max_batch_size, planner=planner)
+        chunk = CHUNK_TOKENS.get(self.model.device.type, CHUNK_TOKENS["cuda"])
+        return BatchGenerator(self.model, max_batch=self.settings.max_batch_size, planner=planner,
+                              long_prompt=4 * chunk, chunk_tokens=chunk)
 
     def _loop(self) -> None:
         gen = self._gen

@@ -148,3 +148,21 @@ def test_top_logprobs_never_merge_byte_tokens(live: LiveServer) -> None:
         assert top[tok] == pytest.approx(chosen, abs=1e-4)
     offsets = lp["text_offset"]
     assert offsets == sorted(offsets) and offsets[-1] <= len(r["text"])
+
+
+def test_a_long_prompt_is_chunk_prefilled_and_gives_the_same_text(live: LiveServer, default_model: BaseModel,
+                                                                    greedy_text: str) -> None:
+    from routing.generation import BatchGenerator, GenerationRequest
+    from routing.sampling import SamplingParams
+
+    engine: Engine = live.app.state.engine  # type: ignore[attr-defined]
+    assert engine._gen is not None and engine._gen.long_prompt is not None
+    ids = default_model.tokenizer(" ".join(f"fact {i}: water is wet." for i in range(40)))["input_ids"]  # type: ignore[operator]
+    assert len(ids) > engine._gen.long_prompt
+    gen = BatchGenerator(default_model, max_batch=1)  # one unchunked prefill
+    ref = gen.submit(GenerationRequest(list(ids), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
+    gen.run_to_completion()
+    long, greedy = asyncio.run(together(live, [{"prompt": ids, "max_tokens": 6, "temperature": 0,
+                                                "ignore_eos": True}, GREEDY]))
+    assert long.json()["choices"][0]["text"] == ref.text
+    assert greedy.json()["choices"][0]["text"] == greedy_text
