@@ -7,8 +7,9 @@ before the prompt's end is seen. So the prompt is run **layer by layer**: block 
 prompt in token chunks of `chunk_tokens` (each chunk at its offset, attending to the keys of the chunks
 before it, which is exactly causal attention), and only then is router l+1 asked, with the complete hidden
 state. Each engine step spends at most `budget` token-block units (tokens x block executions) on the
-prompt, so a 6,000-token prompt costs every running stream a bounded delay per step instead of one long
-stall. The result (logits, KV cache, plan) equals an unchunked prefill.
+prompt, and at most `time_budget()` seconds (the generator asks for 1.5x its recent decode step while
+rows are running), so a 6,000-token prompt costs every running stream a bounded delay per step instead of
+one long stall. The result (logits, KV cache, plan) equals an unchunked prefill.
 
 How the planner meets this without knowing it: `LayerMajorExecutor` stands in for the `RoutedExecutor`
 the planner drives. Its `forward` runs the planner's `decide` callback (or fixed plan) layer by layer as
@@ -20,6 +21,7 @@ threads in torch at once), so the planner code (routers, budget re-runs) stays t
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -91,23 +93,33 @@ class LayerMajorExecutor:
     """A `RoutedExecutor` stand-in for one long prefill: same `forward` contract, run layer by layer in token
     chunks with a `pause()` after every `budget` token-block units. Rows must share a start (a prefill)."""
 
-    def __init__(self, inner: RoutedExecutor, pause: Callable[[], None], chunk_tokens: int, budget: int) -> None:
+    def __init__(self, inner: RoutedExecutor, pause: Callable[[], None], chunk_tokens: int, budget: int,
+                 time_budget: Callable[[], float | None] = lambda: None) -> None:
+        """budget: token-block units per slice; time_budget() -> seconds per slice (None: no limit), read at
+        each chunk, e.g. a multiple of the running rows' decode step so their inter-token gap stays bounded."""
         self.inner = inner
         self.model = inner.model
         self.cache = inner.cache
         self._pause = pause
         self.chunk_tokens = max(1, chunk_tokens)
         self.budget = max(1, budget)
+        self._time_budget = time_budget
         self._spent = 0
+        self._t0 = time.perf_counter()
 
     @property
     def n_layers(self) -> int:
         return self.inner.n_layers
 
     def _spend(self, units: int) -> None:
-        if self._spent and self._spent + units > self.budget:
-            self._pause()
-            self._spent = 0
+        if self._spent:
+            limit = self._time_budget()
+            late = limit is not None and time.perf_counter() - self._t0 > limit
+            if late or self._spent + units > self.budget:
+                self._pause()
+                self._spent = 0
+        if not self._spent:
+            self._t0 = time.perf_counter()
         self._spent += units
 
     @torch.inference_mode()

@@ -156,6 +156,7 @@ class BatchGenerator:
         self.long_prompt = long_prompt
         self.prefill_budget = prefill_budget or self.chunk_tokens * model.spec.n_layers
         self._long: tuple[Sequence, SteppedCall, torch.Tensor, bool] | None = None  # the chunked prefill
+        self._decode_s = 0.0  # recent decode step time (moving average), paces a chunked prefill
 
     # --- requests ---------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Sequence:
@@ -300,8 +301,11 @@ class BatchGenerator:
         want_all = s.request.prompt_logprobs
         req = PlanRequest(s.request.plan, s.request.routing, s.request.budget)
 
+        def time_budget() -> float | None:  # keep the running rows' pace: a slice costs at most 1.5 decode steps
+            return 1.5 * self._decode_s if self.running and self._decode_s else None
+
         def run(pause: Callable[[], None]) -> PrefillResult:
-            ex = LayerMajorExecutor(self.executor, pause, self.chunk_tokens, self.prefill_budget)
+            ex = LayerMajorExecutor(self.executor, pause, self.chunk_tokens, self.prefill_budget, time_budget)
             return self.planner.prefill(ex, tokens, rows, lengths, [req], all_logits=want_all)  # type: ignore[arg-type]
 
         self._long = (s, SteppedCall(run), lengths, want_all)
@@ -351,6 +355,14 @@ class BatchGenerator:
         return outputs
 
     def _decode(self, seqs: list[Sequence]) -> list[SequenceOutput]:
+        t0 = time.perf_counter()
+        try:
+            return self._decode_rows(seqs)
+        finally:
+            took = time.perf_counter() - t0
+            self._decode_s = took if not self._decode_s else 0.8 * self._decode_s + 0.2 * took
+
+    def _decode_rows(self, seqs: list[Sequence]) -> list[SequenceOutput]:
         plans = plans_tensor([s.plan for s in seqs])  # type: ignore[misc]
         if self.no_cache:  # reference path: recompute every row's whole sequence along its plan
             tokens, lengths = pad_right([s.request.prompt_ids + s.generated for s in seqs])
