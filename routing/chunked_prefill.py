@@ -157,8 +157,8 @@ class LayerMajorExecutor:
                 parts.append(out.hidden)
             h = torch.cat(parts, 1)
         if all_logits:
-            logits = self.model.head(h)
+            logits = self.inner.head(h)
         else:
             dev = h.device
-            logits = self.model.head(h[torch.arange(b, device=dev), (lengths_cpu - 1).to(dev)])
+            logits = self.inner.head(h[torch.arange(b, device=dev), (lengths_cpu - 1).to(dev)])
         return ForwardOutput(logits=logits, counts=counts, entering=entering)
