@@ -10,7 +10,10 @@ from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
+from .chat import OpenAIServingChat
+from .chat_protocol import ChatCompletionRequest
 from .engine import Engine
 from .errors import EngineNotReady, Unauthorized
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -30,6 +33,10 @@ def _serving(request: Request) -> OpenAIServingCompletion:
     return request.app.state.serving
 
 
+def _chat(request: Request) -> OpenAIServingChat:
+    return request.app.state.chat
+
+
 def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
@@ -40,6 +47,7 @@ def _settings(request: Request) -> ServerSettings:
 
 EngineDep = Annotated[Engine, Depends(_engine)]
 ServingDep = Annotated[OpenAIServingCompletion, Depends(_serving)]
+ChatDep = Annotated[OpenAIServingChat, Depends(_chat)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 SettingsDep = Annotated[ServerSettings, Depends(_settings)]
 
@@ -92,7 +100,17 @@ async def show_models(engine: EngineDep, request: Request) -> Response:
 
 @router.post("/v1/completions", dependencies=Authorized)
 async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep) -> Response:
-    result = await _cancel_on_disconnect(request, serving.create_completion(body))
+    return await _respond(request, serving.create_completion(body))
+
+
+@router.post("/v1/chat/completions", dependencies=Authorized)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, chat: ChatDep) -> Response:
+    return await _respond(request, chat.create_chat_completion(body))
+
+
+async def _respond(request: Request, work: Awaitable[BaseModel | ErrorResponse | AsyncIterator[str]]) -> Response:
+    """A handler's result as a response: an error with its status, an SSE stream, or JSON."""
+    result = await _cancel_on_disconnect(request, work)
     if result is None:  # the client went away; nobody reads this
         return Response(status_code=499)
     if isinstance(result, ErrorResponse):

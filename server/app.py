@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import api
+from .chat import OpenAIServingChat
 from .engine import Engine
 from .errors import RequestError
 from .metrics import Metrics
@@ -45,6 +46,7 @@ def build_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.serving = OpenAIServingCompletion(engine)
+    app.state.chat = OpenAIServingChat(engine, app.state.serving)
     app.state.created = int(time.time())
     app.include_router(api.router)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
@@ -78,14 +80,17 @@ async def _any_error(request: Request, exc: Exception) -> JSONResponse:
     return api.error_json(create_error_response(exc))
 
 
+COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
 class CountCompletions:
-    """Counts /v1/completions responses by status class (2xx/4xx/5xx), whatever produced them."""
+    """Counts responses of the generation endpoints by status class (2xx/4xx/5xx), whatever produced them."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/v1/completions":
+        if scope["type"] != "http" or scope["path"] not in COUNTED_PATHS:
             await self.app(scope, receive, send)
             return
         started = False

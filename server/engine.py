@@ -24,7 +24,7 @@ from routing.planner import FixedPlanner, Planner
 from routing.routers import RouterCheckpointError, RouterPlanner, load_routers
 from routing.sampling import SamplingParams
 
-from .errors import EngineFailure, EngineNotReady, QueueFull
+from .errors import EngineFailure, EngineNotReady, QueueFull, RequestError
 from .settings import ServerSettings
 from .stats import ChoiceStats, NullStats, StatsSink, StepStats
 
@@ -129,6 +129,21 @@ class Engine:
     @property
     def max_context(self) -> int:
         return self._gen.max_context if self._gen is not None else self.loaded.spec.max_context
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt token ids for chat `messages` ({"role", "content"} dicts): the model's own chat template with
+        the assistant's turn opened (transformers' `apply_chat_template`, add_generation_prompt=True). Raises
+        RequestError when the model has no chat template or its template refuses the messages (400)."""
+        tok = self.loaded.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise RequestError(f"the model {self.model_name!r} has no chat template; use /v1/completions",
+                               "messages")
+        try:
+            enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,  # type: ignore[attr-defined]
+                                          return_dict=True)
+        except Exception as e:  # noqa: BLE001 - jinja's TemplateError and friends: the template refused them
+            raise RequestError(f"the chat template cannot render these messages: {e}", "messages") from e
+        return list(enc["input_ids"])
 
     # --- lifetime ---------------------------------------------------------------------------------
     def start(self) -> None:

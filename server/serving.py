@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+from pydantic import BaseModel as PydanticModel
 
 from routing.generation import GenerationRequest, Sequence, TokenLogprob
 from routing.plan import LayerPlan, plan_summary
@@ -75,6 +77,12 @@ class OpenAIServingCompletion:
 
     async def create_completion(self, request: CompletionRequest
                                 ) -> CompletionResponse | ErrorResponse | AsyncIterator[str]:
+        result = await self.complete(request)
+        return sse_stream(result, request.include_usage) if isinstance(result, AsyncIterator) else result
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse | ErrorResponse | ChunkStream:
+        """Run one Completions request: the response, or (stream=true) its chunks as objects, ending with an
+        ErrorResponse if the stream fails. The one generation path: Chat Completions reshapes what this returns."""
         try:
             prompts, reqs = self._prepare(request)
             handle = self.engine.submit(reqs)
@@ -176,7 +184,7 @@ class OpenAIServingCompletion:
         return CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=choices,
                                   usage=_usage(meta, handle))
 
-    async def _stream(self, meta: _Meta, handle: RequestHandle) -> AsyncIterator[str]:
+    async def _stream(self, meta: _Meta, handle: RequestHandle) -> ChunkStream:
         request = meta.request
         started = [False] * len(handle.seqs)
         n_tokens = [0] * len(handle.seqs)
@@ -208,15 +216,14 @@ class OpenAIServingCompletion:
                     choice = CompletionChoice(index=i, text=text, logprobs=lp,
                                               finish_reason=seq.finish_reason if ev.finished else None,
                                               routing=_routing(seq) if ev.finished else None)
-                    yield _sse(CompletionStreamResponse(id=meta.id, created=meta.created, model=meta.model,
-                                                        choices=[choice]), request.include_usage)
+                    yield CompletionStreamResponse(id=meta.id, created=meta.created, model=meta.model,
+                                                   choices=[choice])
                 if request.include_usage:
-                    yield _sse(CompletionStreamResponse(id=meta.id, created=meta.created, model=meta.model,
-                                                        choices=[], usage=_usage(meta, handle),
-                                                        routing=[_routing(s) for s in handle.seqs]), True)
-            except Exception as e:  # noqa: BLE001 - a failed stream ends with an error chunk, then [DONE]
-                yield f"data: {json.dumps(create_error_response(e).model_dump())}\n\n"
-            yield "data: [DONE]\n\n"
+                    yield CompletionStreamResponse(id=meta.id, created=meta.created, model=meta.model, choices=[],
+                                                   usage=_usage(meta, handle),
+                                                   routing=[_routing(s) for s in handle.seqs])
+            except Exception as e:  # noqa: BLE001 - a failed stream ends with an error chunk
+                yield create_error_response(e)
         finally:
             self.engine.abort(handle)  # client gone mid-stream: free the rows
 
@@ -270,12 +277,21 @@ def _usage(meta: _Meta, handle: RequestHandle) -> UsageInfo:
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _sse(chunk: CompletionStreamResponse, include_usage: bool) -> str:
-    # `usage: null` on every chunk only when the usage chunk was asked for (as OpenAI); `routing` only there
-    drop = {"routing"} if chunk.routing is None else set()
-    if chunk.usage is None and not include_usage:
-        drop.add("usage")
-    return f"data: {chunk.model_dump_json(exclude=drop)}\n\n"
+ChunkStream = AsyncIterator[CompletionStreamResponse | ErrorResponse]
+
+
+async def sse_stream(chunks: AsyncIterator[PydanticModel], include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events for a stream of chunk objects: one `data:` line each, then `data: [DONE]`.
+    `usage: null` on every chunk only when the usage chunk was asked for (as OpenAI); `routing` only where set."""
+    async with contextlib.aclosing(chunks):  # closing the events closes the chunks (aborts the request)
+        async for chunk in chunks:
+            drop = set()
+            if getattr(chunk, "routing", True) is None:
+                drop.add("routing")
+            if getattr(chunk, "usage", True) is None and not include_usage:
+                drop.add("usage")
+            yield f"data: {chunk.model_dump_json(exclude=drop)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def list_models(engine: Engine, created: int) -> ModelList:
