@@ -103,11 +103,12 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("only the 'text' modality is supported")
         return v
 
-    @model_validator(mode="after")
-    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs=true")
-        return self
+        return v
 
     def template_messages(self) -> list[dict[str, str]]:
         """Messages as the chat template reads them: role and plain-string content. OpenAI's `developer`
