@@ -17,6 +17,7 @@ from .chat_protocol import ChatCompletionRequest
 from .engine import Engine
 from .errors import EngineNotReady, Unauthorized
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .profiles import Profiles
 from .protocol import CompletionRequest, ErrorResponse
 from .serving import OpenAIServingCompletion, create_error_response, list_models
 from .settings import ServerSettings
@@ -37,6 +38,10 @@ def _chat(request: Request) -> OpenAIServingChat:
     return request.app.state.chat
 
 
+def _profiles(request: Request) -> Profiles:
+    return request.app.state.profiles
+
+
 def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
@@ -48,6 +53,7 @@ def _settings(request: Request) -> ServerSettings:
 EngineDep = Annotated[Engine, Depends(_engine)]
 ServingDep = Annotated[OpenAIServingCompletion, Depends(_serving)]
 ChatDep = Annotated[OpenAIServingChat, Depends(_chat)]
+ProfilesDep = Annotated[Profiles, Depends(_profiles)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 SettingsDep = Annotated[ServerSettings, Depends(_settings)]
 
@@ -91,20 +97,32 @@ async def metrics(m: MetricsDep) -> Response:
 
 
 @router.get("/v1/models", dependencies=Authorized)
-async def show_models(engine: EngineDep, request: Request) -> Response:
+async def show_models(engine: EngineDep, request: Request, profiles: ProfilesDep) -> Response:
     try:
-        return JSONResponse(list_models(engine, request.app.state.created).model_dump())
+        models = list_models(engine, request.app.state.created)
+        models.data += profiles.cards(models.data[0])
+        return JSONResponse(models.model_dump())
     except EngineNotReady as e:
         return error_json(create_error_response(e))
 
 
 @router.post("/v1/completions", dependencies=Authorized)
-async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep) -> Response:
+async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep,
+                            profiles: ProfilesDep) -> Response:
+    try:
+        body = profiles.resolve(body)
+    except Exception as e:  # noqa: BLE001 - mapped to a status
+        return error_json(create_error_response(e))
     return await _respond(request, serving.create_completion(body))
 
 
 @router.post("/v1/chat/completions", dependencies=Authorized)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, chat: ChatDep) -> Response:
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, chat: ChatDep,
+                                 profiles: ProfilesDep) -> Response:
+    try:
+        body = profiles.resolve(body)
+    except Exception as e:  # noqa: BLE001 - mapped to a status
+        return error_json(create_error_response(e))
     return await _respond(request, chat.create_chat_completion(body))
 
 

@@ -19,6 +19,7 @@ from .chat import OpenAIServingChat
 from .engine import Engine
 from .errors import RequestError
 from .metrics import Metrics
+from .profiles import Profiles
 from .protocol import ErrorInfo, ErrorResponse
 from .serving import OpenAIServingCompletion, create_error_response
 from .settings import ServerSettings
@@ -47,6 +48,7 @@ def build_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI
     app.state.metrics = metrics
     app.state.serving = OpenAIServingCompletion(engine)
     app.state.chat = OpenAIServingChat(engine, app.state.serving)
+    app.state.profiles = Profiles(engine, settings.profiles)
     app.state.created = int(time.time())
     app.include_router(api.router)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]

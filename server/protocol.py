@@ -246,6 +246,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "drllm"
     root: str | None = None
+    parent: str | None = Field(None, exclude_if=lambda v: v is None)  # a profile's served model
+    routing_profile: str | None = Field(None, exclude_if=lambda v: v is None)  # full | auto | budget:B
     max_model_len: int
 
 

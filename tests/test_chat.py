@@ -271,3 +271,35 @@ def test_model_without_chat_template_is_400() -> None:
         assert "no chat template" in r.json()["error"]["message"]
         ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 2}, timeout=30)
         assert ok.status_code == 200
+
+
+# --- routing profiles -------------------------------------------------------------------------------------
+def test_profiles_listed_and_honoured(routed: LiveServer, default_model: BaseModel) -> None:
+    name = default_model.name
+    cards = httpx.get(routed.url + "/v1/models").json()["data"]
+    assert [(c["id"], c.get("routing_profile")) for c in cards] == [(name, None), (f"{name}:full", "full"),
+                                                                     (f"{name}:eco", "budget:0.8")]
+    assert all(c["max_model_len"] == cards[0]["max_model_len"] for c in cards)
+    client = OpenAI(base_url=routed.url + "/v1", api_key="unused", max_retries=0)
+    prompt = "The three primary colours are"
+
+    def routing(model: str, **extra: object) -> dict:
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0,
+                                      extra_body=extra or None)
+        return r.choices[0].model_extra["routing"]  # type: ignore[index]
+
+    auto, full, eco = routing(name), routing(f"{name}:full"), routing(f"{name}:eco")
+    assert full["plan"] == [1] * L and "decision_probs" not in full
+    assert eco["layers_executed"] <= int(0.8 * L) and "decision_probs" in eco
+    assert auto["plan"] != full["plan"]  # the decisive random routers do change the plan
+    # the request's own routing fields win over the profile's
+    assert routing(f"{name}:full", budget=0.5)["layers_executed"] <= 15
+    assert routing(f"{name}:eco", routing="full")["plan"] == [1] * L
+    assert routing(f"{name}:eco", plan=[1] * 20 + [0] * 10)["plan"] == [1] * 20 + [0] * 10
+    r = client.chat.completions.create(model=f"{name}:full", messages=MESSAGES,  # type: ignore[arg-type]
+                                       max_tokens=2, temperature=0)
+    assert r.choices[0].model_extra["routing"]["plan"] == [1] * L  # type: ignore[index]
+    for unknown in (f"{name}:nope", "other:full", f"{name}:", f"{name}:full:full"):
+        for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": MESSAGES})):
+            resp = httpx.post(routed.url + path, json={**body, "model": unknown, "max_tokens": 1})
+            assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found", (unknown, path)

@@ -12,9 +12,11 @@ from pydantic import ValidationError
 from server.chat import _chunks, chat_logprobs, token_bytes
 from server.chat_protocol import ChatCompletionRequest
 from server.errors import EngineFailure
+from server.profiles import Profile
 from server.protocol import (
     CompletionChoice,
     CompletionLogProbs,
+    CompletionRequest,
     CompletionStreamResponse,
     ErrorResponse,
     UsageInfo,
@@ -123,3 +125,43 @@ def test_stream_errors_end_with_an_error_chunk_then_done() -> None:
     out = _sse([_chunk(0, "a"), err])
     assert [type(x) for x in out] == [dict, dict, dict, str]
     assert out[2] == {"error": err.model_dump()["error"]} and isinstance(err, ErrorResponse)
+
+
+# --- routing profiles -------------------------------------------------------------------------------------
+def test_profile_specs() -> None:
+    assert Profile.parse("full=full") == Profile("full", "full", None)
+    assert Profile.parse(" eco = budget:0.75 ") == Profile("eco", "auto", 0.75)
+    assert Profile.parse("r=auto").spec == "auto" and Profile.parse("b=budget:2").spec == "budget:2"
+    for bad in ("full", "=full", "a:b=full", "x=half", "x=budget:0", "x=budget:2.5", "x=budget:abc", "x=budget"):
+        with pytest.raises(ValueError, match="profile"):
+            Profile.parse(bad)
+
+
+def test_profile_fills_in_only_for_requests_that_do_not_route_themselves() -> None:
+    eco = Profile("eco", "auto", 0.8)
+    r = eco.apply(CompletionRequest(model="m:eco", prompt="x"))
+    assert (r.model, r.routing, r.budget) == (None, "auto", 0.8)
+    assert Profile("f", "full").apply(CompletionRequest(model="m:f", prompt="x")).routing == "full"
+    for own in ({"budget": 0.5}, {"routing": "auto"}, {"plan": [1, 1]}):
+        r = Profile("f", "full").apply(CompletionRequest(model="m:f", prompt="x", **own))
+        assert r.routing == "auto" and r.budget == own.get("budget") and r.model is None
+
+
+def test_profile_settings(monkeypatch) -> None:
+    from routing.cli import build_parser
+    from server.settings import ServerSettings, add_serve_parser, settings_from_args
+
+    def args(*argv: str):
+        return build_parser(extra=add_serve_parser).parse_args(["serve", *argv])
+
+    monkeypatch.delenv("DRLLM_PROFILES", raising=False)
+    assert settings_from_args(args()).profiles == ["full=full", "eco=budget:0.8"]
+    s = settings_from_args(args("--profile", "a=full", "--profile", "b=budget:0.5"))
+    assert s.profiles == ["a=full", "b=budget:0.5"]
+    monkeypatch.setenv("DRLLM_PROFILES", "x=auto, y=budget:1.5")
+    assert settings_from_args(args()).profiles == ["x=auto", "y=budget:1.5"]
+    monkeypatch.setenv("DRLLM_PROFILES", "")
+    assert settings_from_args(args()).profiles == []
+    for bad in (["a=full", "a=auto"], ["a=sometimes"]):
+        with pytest.raises(ValidationError):
+            ServerSettings(profiles=bad)
