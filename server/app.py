@@ -55,6 +55,7 @@ def build_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _any_error)
     app.add_middleware(CountCompletions, metrics=metrics)
+    app.add_middleware(JsonBodies)
     return app
 
 
@@ -65,6 +66,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         param, msg = None, f"the body is not valid JSON: {first.get('ctx', {}).get('error', msg)}"
+        sent_as = request.scope.get("state", {}).get(JsonBodies.SENT_AS)
+        if sent_as is not None:
+            msg += f" (this API takes a JSON body, Content-Type: application/json; this one came as {sent_as!r})"
     else:
         param = loc[0] if loc else None
         msg = f"{'.'.join(loc)}: {msg}" if loc else msg
@@ -83,6 +87,26 @@ async def _any_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+class JsonBodies:
+    """POST bodies are read as JSON whatever their Content-Type says (`curl -d` sends form encoding, some clients
+    send none); a body that is not JSON then gets a 400 that names the Content-Type it came with."""
+
+    SENT_AS = "drllm_sent_content_type"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            sent = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            media = sent.partition(";")[0].strip().lower()
+            if media != "application/json" and not media.endswith("+json"):
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+                scope.setdefault("state", {})[self.SENT_AS] = sent or "none"
+        await self.app(scope, receive, send)
 
 
 class CountCompletions:
