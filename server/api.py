@@ -8,17 +8,19 @@ import importlib.metadata
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from .chat import OpenAIServingChat
-from .chat_protocol import ChatCompletionRequest
+from .chat_protocol import ChatCompletionRequest, ChatCompletionResponse
 from .engine import Engine
 from .errors import EngineNotReady, Unauthorized
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .openapi import GENERATION_ERRORS, errors, sse
 from .profiles import Profiles
-from .protocol import CompletionRequest, ErrorResponse
+from .protocol import CompletionRequest, CompletionResponse, ErrorResponse, Health, ModelList
 from .serving import OpenAIServingCompletion, create_error_response, list_models
 from .settings import ServerSettings
 
@@ -58,13 +60,16 @@ MetricsDep = Annotated[Metrics, Depends(_metrics)]
 SettingsDep = Annotated[ServerSettings, Depends(_settings)]
 
 
-def require_api_key(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`, when the server has an API key")
+
+
+def require_api_key(settings: SettingsDep,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     if settings.api_key is None:
         return
-    scheme, _, given = (authorization or "").partition(" ")
+    given = credentials.credentials.strip() if credentials is not None else ""
     expected = settings.api_key.get_secret_value().encode()
-    ok = hmac.compare_digest(given.strip().encode(), expected)  # constant time in the key's length
-    if not ok or scheme.lower() != "bearer":
+    if not hmac.compare_digest(given.encode(), expected):  # constant time in the key's length
         raise Unauthorized("missing or invalid API key; send `Authorization: Bearer <key>`")
 
 
@@ -75,7 +80,7 @@ def error_json(err: ErrorResponse) -> JSONResponse:
     return JSONResponse(err.model_dump(), status_code=err.status_code, headers=err.headers)
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health, responses=errors(503))
 async def health(engine: EngineDep) -> Response:
     try:
         engine.require_ready()
@@ -91,12 +96,13 @@ async def version(engine: EngineDep) -> dict[str, object]:
             "torch_threads": engine.torch_threads}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format"}})
 async def metrics(m: MetricsDep) -> Response:
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", dependencies=Authorized)
+@router.get("/v1/models", dependencies=Authorized, response_model=ModelList, responses=errors(401, 503))
 async def show_models(engine: EngineDep, request: Request, profiles: ProfilesDep) -> Response:
     try:
         models = list_models(engine, request.app.state.created)
@@ -106,7 +112,8 @@ async def show_models(engine: EngineDep, request: Request, profiles: ProfilesDep
         return error_json(create_error_response(e))
 
 
-@router.post("/v1/completions", dependencies=Authorized)
+@router.post("/v1/completions", dependencies=Authorized, response_model=CompletionResponse,
+             responses={**sse("CompletionStreamResponse"), **errors(*GENERATION_ERRORS)})
 async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep,
                             profiles: ProfilesDep) -> Response:
     try:
@@ -116,7 +123,8 @@ async def create_completion(body: CompletionRequest, request: Request, serving: 
     return await _respond(request, serving.create_completion(body))
 
 
-@router.post("/v1/chat/completions", dependencies=Authorized)
+@router.post("/v1/chat/completions", dependencies=Authorized, response_model=ChatCompletionResponse,
+             responses={**sse("ChatCompletionChunk"), **errors(*GENERATION_ERRORS)})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, chat: ChatDep,
                                  profiles: ProfilesDep) -> Response:
     try:

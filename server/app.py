@@ -17,8 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import api
 from .chat import OpenAIServingChat
 from .engine import Engine
-from .errors import RequestError
+from .errors import EngineNotReady, ModelNotFound, QueueFull, RequestError, Unauthorized
 from .metrics import Metrics
+from .openapi import finalize
 from .profiles import Profiles
 from .protocol import ErrorInfo, ErrorResponse
 from .serving import OpenAIServingCompletion, create_error_response
@@ -51,8 +52,12 @@ def build_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI
     app.state.profiles = Profiles(engine, settings.profiles)
     app.state.created = int(time.time())
     app.include_router(api.router)
+    derived = app.openapi
+    app.openapi = lambda: finalize(derived(), settings.api_key is not None)  # type: ignore[method-assign]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    for expected in (RequestError, Unauthorized, ModelNotFound, QueueFull, EngineNotReady):
+        app.add_exception_handler(expected, _any_error)  # handled here, not re-raised and logged as a crash
     app.add_exception_handler(Exception, _any_error)
     app.add_middleware(CountCompletions, metrics=metrics)
     app.add_middleware(JsonBodies)

@@ -12,9 +12,23 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .protocol import CompletionRequest, RoutingInfo, SamplingRequest, UsageInfo
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(json_schema_extra={"enum": ["text"]})
+    text: str
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _text_only(cls, v: object) -> object:
+        if v != "text":
+            raise ValueError(f"content parts of type {v!r} are not supported; only 'text'")
+        return v
 
 
 class ChatMessage(BaseModel):
@@ -23,40 +37,39 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart]
     name: str | None = None
+    # OpenAI message fields drllm does not implement: accepted only absent or empty
+    tool_calls: list[dict[str, Any]] | None = Field(None, json_schema_extra={"maxItems": 0})
+    function_call: dict[str, Any] | None = Field(None, json_schema_extra={"maxProperties": 0})
+    audio: dict[str, Any] | None = Field(None, json_schema_extra={"maxProperties": 0})
 
-    @field_validator("content")
+    @field_validator("content", mode="before")
     @classmethod
-    def _text_parts_only(cls, v: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
-        for part in v if isinstance(v, list) else []:
-            kind = part.get("type")
-            if kind != "text":
-                raise ValueError(f"content parts of type {kind!r} are not supported; only 'text'")
-            if not isinstance(part.get("text"), str):
-                raise ValueError("a text part needs a string 'text'")
+    def _parts(cls, v: object) -> object:
+        for part in v if isinstance(v, list) else []:  # a clear message before the union's own errors
+            if isinstance(part, dict) and part.get("type") != "text":
+                raise ValueError(f"content parts of type {part.get('type')!r} are not supported; only 'text'")
         return v
 
-    @model_validator(mode="after")
-    def _no_tool_calls(self) -> ChatMessage:
-        for key in ("tool_calls", "function_call", "audio"):
-            if (self.model_extra or {}).get(key):
-                raise ValueError(f"{key} is not supported")
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
-        return self
+    @field_validator("tool_calls", "function_call", "audio")
+    @classmethod
+    def _unsupported(cls, v: object, info: ValidationInfo) -> object:
+        if v:
+            raise ValueError(f"{info.field_name} is not supported")
+        return v
 
     @property
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as vLLM does)."""
         if isinstance(self.content, list):
-            return "\n".join(part["text"] for part in self.content)
-        return self.content or ""
+            return "\n".join(part.text for part in self.content)
+        return self.content
 
 
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text"]})
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -66,14 +79,14 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # OpenAI fields drllm does not implement: refused unless absent or at their neutral values
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, json_schema_extra={"maxItems": 0})
+    tool_choice: str | dict[str, Any] | None = Field(None, json_schema_extra={"enum": ["none", None]})
+    functions: list[dict[str, Any]] | None = Field(None, json_schema_extra={"maxItems": 0})
+    function_call: str | dict[str, Any] | None = Field(None, json_schema_extra={"enum": ["", None]})
     response_format: ResponseFormat | None = None
-    audio: dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    prediction: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = Field(None, json_schema_extra={"maxProperties": 0})
+    modalities: list[Literal["text"]] | None = None
+    prediction: dict[str, Any] | None = Field(None, json_schema_extra={"maxProperties": 0})
 
     @field_validator("tools", "functions", "function_call", "audio", "prediction")
     @classmethod
@@ -96,10 +109,10 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError(f"response_format of type {v.type!r} is not supported; only 'text'")
         return v
 
-    @field_validator("modalities")
+    @field_validator("modalities", mode="before")
     @classmethod
-    def _modalities(cls, v: list[str] | None) -> list[str] | None:
-        if v and any(m != "text" for m in v):
+    def _modalities(cls, v: object) -> object:
+        if isinstance(v, list) and any(m != "text" for m in v):
             raise ValueError("only the 'text' modality is supported")
         return v
 

@@ -19,6 +19,7 @@ from routing.sampling import SamplingParams
 from .errors import RequestError
 
 log = logging.getLogger(__name__)
+NEUTRAL_ZERO = {"minimum": 0, "maximum": 0}  # a number field accepted only at 0 (or null)
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -65,15 +66,15 @@ class SamplingRequest(OpenAIBaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = Field(None, ge=-1, le=2**63 - 1, description="-1: no seed (llama.cpp's convention)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # OpenAI fields drllm does not implement: accepted only at their neutral values
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    # OpenAI fields drllm does not implement: accepted only at their neutral values (the schema says which)
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
+    presence_penalty: float | None = Field(None, json_schema_extra=NEUTRAL_ZERO)
+    frequency_penalty: float | None = Field(None, json_schema_extra=NEUTRAL_ZERO)
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1)
     min_tokens: int = Field(0, ge=0)
@@ -82,12 +83,13 @@ class SamplingRequest(OpenAIBaseModel):
     # drllm extensions
     budget: float | None = Field(None, gt=0, le=2)
     routing: Literal["auto", "full"] = "auto"
-    plan: list[int] | None = Field(None, min_length=1, description="per-layer counts: 0 skip, 1 execute, 2 repeat; "
-                                   "at least one block must run")
+    plan: list[Annotated[int, Field(ge=0, le=2)]] | None = Field(
+        None, min_length=1, description="per-layer counts, one per block: 0 skip, 1 execute, 2 repeat; at least one "
+        "block must run", json_schema_extra={"contains": {"minimum": 1}})
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+    def _stop(cls, v: object) -> object:
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
         return v
@@ -111,12 +113,12 @@ class SamplingRequest(OpenAIBaseModel):
             raise ValueError("this penalty is not supported; use repetition_penalty")
         return v
 
-    @field_validator("plan")
+    @field_validator("plan", mode="before")
     @classmethod
-    def _plan(cls, v: list[int] | None) -> list[int] | None:
-        if v is None:
+    def _plan(cls, v: object) -> object:
+        if not isinstance(v, list):
             return v
-        if any(c not in (0, 1, 2) for c in v):
+        if not v or any(type(c) is not int or c not in (0, 1, 2) for c in v):
             raise ValueError("plan must be a non-empty list of per-layer counts 0 (skip), 1 or 2 (repeat)")
         if not any(v):
             raise ValueError("plan must execute at least one block (all counts are 0)")
@@ -134,8 +136,8 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     # OpenAI fields drllm does not implement: accepted only at their neutral values
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: int | None = Field(None, json_schema_extra={"minimum": 1, "maximum": 1})
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -237,6 +239,10 @@ class CompletionStreamResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
     routing: list[RoutingInfo | None] | None = None  # the usage chunk only: per choice, by index
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
 
 
 # --- models -------------------------------------------------------------------------------------------

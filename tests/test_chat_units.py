@@ -46,7 +46,7 @@ def test_template_messages() -> None:
     req = ChatCompletionRequest(messages=[{"role": "developer", "content": "d"},
                                           {"role": "user", "content": [{"type": "text", "text": "a"},
                                                                        {"type": "text", "text": "b"}]},
-                                          {"role": "assistant", "content": None}])
+                                          {"role": "assistant", "content": ""}])
     assert req.template_messages() == [{"role": "system", "content": "d"}, {"role": "user", "content": "a\nb"},
                                        {"role": "assistant", "content": ""}]
 
