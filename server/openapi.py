@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .protocol import ErrorResponse
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from .chat_protocol import ChatCompletionChunk
+from .protocol import CompletionStreamResponse, ErrorResponse
+
+STREAMS: dict[str, type[BaseModel]] = {"/v1/completions": CompletionStreamResponse,
+                                       "/v1/chat/completions": ChatCompletionChunk}
 
 _ERRORS = {
     400: "Invalid request: OpenAI's error envelope, `param` names the offending field",
@@ -39,7 +46,20 @@ def sse(chunk: str) -> dict[int | str, dict[str, Any]]:
 
 
 def finalize(schema: dict[str, Any], api_key: bool) -> dict[str, Any]:
-    """Drop FastAPI's 422 (validation errors are 400s here) and, without an API key, the bearer scheme."""
+    """Drop FastAPI's 422 (validation errors are 400s here) and, without an API key, the bearer scheme; state
+    each SSE event (OpenAPI 3.1: the `schema` of text/event-stream is one event's, `data` its payload): a chunk
+    as JSON, an error envelope, or the final `[DONE]`."""
+    _, defs = models_json_schema([(m, "serialization") for m in (*STREAMS.values(), ErrorResponse)],
+                                 ref_template="#/components/schemas/{model}")
+    for name, definition in defs.get("$defs", {}).items():
+        schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(name, definition)
+    for path, chunk in STREAMS.items():
+        content = schema["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]
+        json_data = {"contentMediaType": "application/json", "contentSchema": {"anyOf": [
+            {"$ref": f"#/components/schemas/{chunk.__name__}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}}
+        content["schema"] = {"type": "object", "required": ["data"], "properties": {"data": {
+            "type": "string", "anyOf": [json_data, {"const": "[DONE]"}],
+            "description": f"a {chunk.__name__} as JSON (an ErrorResponse if the stream fails), then `[DONE]`"}}}
     for ops in schema.get("paths", {}).values():
         for op in ops.values():
             op.get("responses", {}).pop("422", None)
