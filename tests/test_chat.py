@@ -7,6 +7,7 @@ model whose tokenizer has no chat template.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -303,3 +304,36 @@ def test_profiles_listed_and_honoured(routed: LiveServer, default_model: BaseMod
         for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": MESSAGES})):
             resp = httpx.post(routed.url + path, json={**body, "model": unknown, "max_tokens": 1})
             assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found", (unknown, path)
+
+
+def test_disconnecting_chat_clients_free_their_rows(live: LiveServer, default_model: BaseModel) -> None:
+    def gauge(name: str) -> float:
+        text = httpx.get(live.url + "/metrics").text
+        return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(name + "{"))
+
+    def wait_idle() -> None:
+        deadline = time.monotonic() + 10
+        while gauge("drllm_num_requests_running") + gauge("drllm_num_requests_waiting") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gauge("drllm_num_requests_running") + gauge("drllm_num_requests_waiting") == 0
+
+    def aborted() -> float:
+        text = httpx.get(live.url + "/metrics").text
+        return sum(float(x.split()[-1]) for x in text.splitlines()
+                   if x.startswith("drllm_request_finished_total{") and 'finish_reason="abort"' in x)
+
+    wait_idle()
+    before = aborted()
+    long = {"messages": MESSAGES, "max_tokens": 4000, "ignore_eos": True}
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json={**long, "stream": True}, headers=AUTH,
+                      timeout=60) as r:
+        lines = r.iter_lines()  # keep a reference: a dropped iterator closes the connection
+        got = 0
+        while got < 3:
+            got += next(lines).startswith("data: ")
+        assert gauge("drllm_num_requests_running") == 1
+    wait_idle()
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+        httpx.post(live.url + "/v1/chat/completions", json=long, headers=AUTH, timeout=httpx.Timeout(60, read=1.0))
+    wait_idle()
+    assert aborted() == before + 2
