@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from .chat_protocol import (
     ChatChoiceLogprobs,
@@ -62,7 +62,7 @@ def _response(r: CompletionResponse, request: ChatCompletionRequest) -> ChatComp
 
 
 async def _chunks(stream: ChunkStream, request: ChatCompletionRequest
-                  ) -> AsyncIterator[ChatCompletionChunk | ErrorResponse]:
+                  ) -> AsyncGenerator[ChatCompletionChunk | ErrorResponse, None]:
     """Completions chunks -> chat chunks: each choice's role first (empty content), then content deltas, each
     choice's finish chunk (finish_reason and its routing report), the usage chunk if asked for."""
     async with contextlib.aclosing(stream):

@@ -277,10 +277,10 @@ def _usage(meta: _Meta, handle: RequestHandle) -> UsageInfo:
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-ChunkStream = AsyncGenerator[CompletionStreamResponse | ErrorResponse]
+ChunkStream = AsyncGenerator[CompletionStreamResponse | ErrorResponse, None]
 
 
-async def sse_stream(chunks: AsyncGenerator[PydanticModel], include_usage: bool) -> AsyncIterator[str]:
+async def sse_stream(chunks: AsyncGenerator[PydanticModel, None], include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events for a stream of chunk objects: one `data:` line each, then `data: [DONE]`.
     `usage: null` on every chunk only when the usage chunk was asked for (as OpenAI); `routing` only where set."""
     async with contextlib.aclosing(chunks):  # closing the events closes the chunks (aborts the request)
