@@ -71,3 +71,21 @@ def test_a_body_that_is_not_json_is_400_saying_so(api: TestClient) -> None:
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = api.post("/v1/completions")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+class StuckEngine(Engine):
+    def start(self) -> None:  # never loads: stays in LOADING
+        pass
+
+
+def test_while_loading_every_generation_endpoint_is_503() -> None:
+    s = ServerSettings(routers="none")
+    with TestClient(build_app(s, StuckEngine(s))) as client:
+        for path, body in (("/v1/completions", {"prompt": "x"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+                           ("/v1/chat/completions", {"model": "anything:full",
+                                                     "messages": [{"role": "user", "content": "x"}]})):
+            r = client.post(path, json=body)
+            assert r.status_code == 503 and r.headers["Retry-After"] == "5", (path, r.text)
+            assert r.json()["error"]["code"] == "model_not_ready"
+        assert client.get("/v1/models").status_code == 503
