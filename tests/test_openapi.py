@@ -103,7 +103,7 @@ def test_schemathesis_every_check_passes(server: LiveServer, tmp_path: Path) -> 
     known_500 = probe.status_code == 500
     if known_500:
         cmd += ["--exclude-checks", "not_a_server_error"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache stays out
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     if known_500:
         pytest.xfail("issue 10: degenerate sampling values (top_p=5e-324) still give 500; not_a_server_error skipped")
