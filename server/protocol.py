@@ -1,4 +1,5 @@
-"""Request and response models of the OpenAI-compatible API (legacy Completions), plus drllm's extensions.
+"""Request and response models of the OpenAI-compatible API (legacy Completions, models, errors), plus drllm's
+extensions. `SamplingRequest` holds the fields Completions and Chat Completions (`chat_protocol.py`) share.
 
 Extensions to OpenAI's request: `budget` (float in (0, 2]: most block executions as a fraction of L),
 `routing` ("auto" | "full"), `plan` (a fixed per-layer plan of 0/1/2 counts, overriding routers and
