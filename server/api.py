@@ -8,13 +8,19 @@ import importlib.metadata
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 
+from .chat import OpenAIServingChat
+from .chat_protocol import ChatCompletionRequest, ChatCompletionResponse
 from .engine import Engine
 from .errors import EngineNotReady, Unauthorized
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .protocol import CompletionRequest, ErrorResponse
+from .openapi import GENERATION_ERRORS, errors, sse
+from .profiles import Profiles
+from .protocol import CompletionRequest, CompletionResponse, ErrorResponse, Health, ModelList
 from .serving import OpenAIServingCompletion, create_error_response, list_models
 from .settings import ServerSettings
 
@@ -30,6 +36,14 @@ def _serving(request: Request) -> OpenAIServingCompletion:
     return request.app.state.serving
 
 
+def _chat(request: Request) -> OpenAIServingChat:
+    return request.app.state.chat
+
+
+def _profiles(request: Request) -> Profiles:
+    return request.app.state.profiles
+
+
 def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
@@ -40,17 +54,22 @@ def _settings(request: Request) -> ServerSettings:
 
 EngineDep = Annotated[Engine, Depends(_engine)]
 ServingDep = Annotated[OpenAIServingCompletion, Depends(_serving)]
+ChatDep = Annotated[OpenAIServingChat, Depends(_chat)]
+ProfilesDep = Annotated[Profiles, Depends(_profiles)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 SettingsDep = Annotated[ServerSettings, Depends(_settings)]
 
 
-def require_api_key(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`, when the server has an API key")
+
+
+def require_api_key(settings: SettingsDep,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     if settings.api_key is None:
         return
-    scheme, _, given = (authorization or "").partition(" ")
+    given = credentials.credentials.strip() if credentials is not None else ""
     expected = settings.api_key.get_secret_value().encode()
-    ok = hmac.compare_digest(given.strip().encode(), expected)  # constant time in the key's length
-    if not ok or scheme.lower() != "bearer":
+    if not hmac.compare_digest(given.encode(), expected):  # constant time in the key's length
         raise Unauthorized("missing or invalid API key; send `Authorization: Bearer <key>`")
 
 
@@ -61,7 +80,7 @@ def error_json(err: ErrorResponse) -> JSONResponse:
     return JSONResponse(err.model_dump(), status_code=err.status_code, headers=err.headers)
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health, responses=errors(503))
 async def health(engine: EngineDep) -> Response:
     try:
         engine.require_ready()
@@ -77,22 +96,47 @@ async def version(engine: EngineDep) -> dict[str, object]:
             "torch_threads": engine.torch_threads}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format"}})
 async def metrics(m: MetricsDep) -> Response:
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", dependencies=Authorized)
-async def show_models(engine: EngineDep, request: Request) -> Response:
+@router.get("/v1/models", dependencies=Authorized, response_model=ModelList, responses=errors(401, 503))
+async def show_models(engine: EngineDep, request: Request, profiles: ProfilesDep) -> Response:
     try:
-        return JSONResponse(list_models(engine, request.app.state.created).model_dump())
+        models = list_models(engine, request.app.state.created)
+        models.data += profiles.cards(models.data[0])
+        return JSONResponse(models.model_dump())
     except EngineNotReady as e:
         return error_json(create_error_response(e))
 
 
-@router.post("/v1/completions", dependencies=Authorized)
-async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep) -> Response:
-    result = await _cancel_on_disconnect(request, serving.create_completion(body))
+@router.post("/v1/completions", dependencies=Authorized, response_model=CompletionResponse,
+             responses={**sse("CompletionStreamResponse"), **errors(*GENERATION_ERRORS)})
+async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep,
+                            profiles: ProfilesDep) -> Response:
+    try:
+        body = profiles.resolve(body)
+    except Exception as e:  # noqa: BLE001 - mapped to a status
+        return error_json(create_error_response(e))
+    return await _respond(request, serving.create_completion(body))
+
+
+@router.post("/v1/chat/completions", dependencies=Authorized, response_model=ChatCompletionResponse,
+             responses={**sse("ChatCompletionChunk"), **errors(*GENERATION_ERRORS)})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, chat: ChatDep,
+                                 profiles: ProfilesDep) -> Response:
+    try:
+        body = profiles.resolve(body)
+    except Exception as e:  # noqa: BLE001 - mapped to a status
+        return error_json(create_error_response(e))
+    return await _respond(request, chat.create_chat_completion(body))
+
+
+async def _respond(request: Request, work: Awaitable[BaseModel | ErrorResponse | AsyncIterator[str]]) -> Response:
+    """A handler's result as a response: an error with its status, an SSE stream, or JSON."""
+    result = await _cancel_on_disconnect(request, work)
     if result is None:  # the client went away; nobody reads this
         return Response(status_code=499)
     if isinstance(result, ErrorResponse):

@@ -15,9 +15,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import api
+from .chat import OpenAIServingChat
 from .engine import Engine
-from .errors import RequestError
+from .errors import EngineNotReady, ModelNotFound, QueueFull, RequestError, Unauthorized
 from .metrics import Metrics
+from .openapi import finalize
+from .profiles import Profiles
 from .protocol import ErrorInfo, ErrorResponse
 from .serving import OpenAIServingCompletion, create_error_response
 from .settings import ServerSettings
@@ -45,12 +48,19 @@ def build_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.serving = OpenAIServingCompletion(engine)
+    app.state.chat = OpenAIServingChat(engine, app.state.serving)
+    app.state.profiles = Profiles(engine, settings.profiles)
     app.state.created = int(time.time())
     app.include_router(api.router)
+    derived = app.openapi
+    app.openapi = lambda: finalize(derived(), settings.api_key is not None)  # type: ignore[method-assign]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    for expected in (RequestError, Unauthorized, ModelNotFound, QueueFull, EngineNotReady):
+        app.add_exception_handler(expected, _any_error)  # handled here, not re-raised and logged as a crash
     app.add_exception_handler(Exception, _any_error)
     app.add_middleware(CountCompletions, metrics=metrics)
+    app.add_middleware(JsonBodies)
     return app
 
 
@@ -61,6 +71,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         param, msg = None, f"the body is not valid JSON: {first.get('ctx', {}).get('error', msg)}"
+        sent_as = request.scope.get("state", {}).get(JsonBodies.SENT_AS)
+        if sent_as is not None:
+            msg += f" (this API takes a JSON body, Content-Type: application/json; this one came as {sent_as!r})"
     else:
         param = loc[0] if loc else None
         msg = f"{'.'.join(loc)}: {msg}" if loc else msg
@@ -78,14 +91,37 @@ async def _any_error(request: Request, exc: Exception) -> JSONResponse:
     return api.error_json(create_error_response(exc))
 
 
+COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+class JsonBodies:
+    """POST bodies are read as JSON whatever their Content-Type says (`curl -d` sends form encoding, some clients
+    send none); a body that is not JSON then gets a 400 that names the Content-Type it came with."""
+
+    SENT_AS = "drllm_sent_content_type"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            sent = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            media = sent.partition(";")[0].strip().lower()
+            if media != "application/json" and not media.endswith("+json"):
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+                scope.setdefault("state", {})[self.SENT_AS] = sent or "none"
+        await self.app(scope, receive, send)
+
+
 class CountCompletions:
-    """Counts /v1/completions responses by status class (2xx/4xx/5xx), whatever produced them."""
+    """Counts responses of the generation endpoints by status class (2xx/4xx/5xx), whatever produced them."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/v1/completions":
+        if scope["type"] != "http" or scope["path"] not in COUNTED_PATHS:
             await self.app(scope, receive, send)
             return
         started = False

@@ -25,7 +25,7 @@ from routing.planner import FixedPlanner, Planner
 from routing.routers import RouterCheckpointError, RouterPlanner, load_routers
 from routing.sampling import SamplingParams
 
-from .errors import EngineFailure, EngineNotReady, QueueFull
+from .errors import EngineFailure, EngineNotReady, QueueFull, RequestError
 from .settings import ServerSettings
 from .stats import ChoiceStats, NullStats, StatsSink, StepStats
 
@@ -184,15 +184,20 @@ class Engine:
     def detokenize(self, ids: list[int]) -> str:
         return self.loaded.tokenizer.decode(ids)  # type: ignore[attr-defined]
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of `messages` rendered with the model's own chat template and the generation prompt
-        (transformers' `apply_chat_template`). Raises ValueError when the model has no chat template."""
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt token ids for chat `messages` ({"role", "content"} dicts): the model's own chat template with
+        the assistant's turn opened (transformers' `apply_chat_template`, add_generation_prompt=True). Raises
+        RequestError when the model has no chat template or its template refuses the messages (400)."""
         tok = self.loaded.tokenizer
         if not getattr(tok, "chat_template", None):
-            raise ValueError(f"the model {self.model_name!r} has no chat template; use /v1/completions")
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,  # type: ignore[attr-defined]
-                                      return_dict=False)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            raise RequestError(f"the model {self.model_name!r} has no chat template; use /v1/completions",
+                               "messages")
+        try:
+            enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,  # type: ignore[attr-defined]
+                                          return_dict=True)
+        except Exception as e:  # noqa: BLE001 - jinja's TemplateError and friends: the template refused them
+            raise RequestError(f"the chat template cannot render these messages: {e}", "messages") from e
+        return list(enc["input_ids"])
 
     # --- lifetime ---------------------------------------------------------------------------------
     def start(self) -> None:

@@ -1,4 +1,5 @@
-"""Request and response models of the OpenAI-compatible API (legacy Completions), plus drllm's extensions.
+"""Request and response models of the OpenAI-compatible API (legacy Completions, models, errors), plus drllm's
+extensions. `SamplingRequest` holds the fields Completions and Chat Completions (`chat_protocol.py`) share.
 
 Extensions to OpenAI's request: `budget` (float in (0, 2]: most block executions as a fraction of L),
 `routing` ("auto" | "full"), `plan` (a fixed per-layer plan of 0/1/2 counts, overriding routers and
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -19,8 +20,13 @@ from routing.sampling import SamplingParams
 from .errors import RequestError
 
 log = logging.getLogger(__name__)
+NEUTRAL_ZERO = {"minimum": 0, "maximum": 0}  # a number field accepted only at 0 (or null)
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# a string, a batch of strings, token ids, or a batch of token-id lists; nothing empty
+Prompt = (NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds
+          | Annotated[list[TokenIds], Field(min_length=1)])
 
 
 class OpenAIBaseModel(BaseModel):
@@ -48,31 +54,28 @@ class ErrorResponse(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict, exclude=True)
 
 
-# --- completions --------------------------------------------------------------------------------------
+# --- fields shared by Completions and Chat Completions ----------------------------------------------
 class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class CompletionRequest(OpenAIBaseModel):
-    model: str | None = None  # None: the served model
-    prompt: Prompt
-    max_tokens: int | None = Field(16, ge=0)
+class SamplingRequest(OpenAIBaseModel):
+    """The fields both generation endpoints share: sampling, streaming, routing. Field constraints here are the
+    API's documented limits (the OpenAPI schema shows them); a violation is a 400 naming the field."""
+
+    model: str | None = None  # None: the served model; `<model>:<profile>` picks a routing profile
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=-1, le=2**63 - 1, description="-1: no seed (llama.cpp's convention)")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
     user: str | None = None
-    # OpenAI fields drllm does not implement: accepted only at their neutral values
-    best_of: int | None = None
-    suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    # OpenAI fields drllm does not implement: accepted only at their neutral values (the schema says which)
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
+    presence_penalty: float | None = Field(None, json_schema_extra=NEUTRAL_ZERO)
+    frequency_penalty: float | None = Field(None, json_schema_extra=NEUTRAL_ZERO)
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
@@ -82,30 +85,23 @@ class CompletionRequest(OpenAIBaseModel):
     # drllm extensions
     budget: float | None = Field(None, gt=0, le=2)
     routing: Literal["auto", "full"] = "auto"
-    plan: list[int] | None = None
+    plan: list[Annotated[int, Field(ge=0, le=2)]] | None = Field(
+        None, min_length=1, description="per-layer counts, one per block: 0 skip, 1 execute, 2 repeat; at least one "
+        "block must run", json_schema_extra={"contains": {"minimum": 1}})
 
-    @field_validator("prompt")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _prompt(cls, v: Prompt) -> Prompt:
-        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
-            raise ValueError("prompt must not be empty")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+    def _stop(cls, v: object) -> object:
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
         return v
 
-    @field_validator("best_of")
+    @field_validator("seed")
     @classmethod
-    def _best_of(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("best_of other than 1 is not supported")
-        return v
+    def _seed(cls, v: int | None) -> int | None:
+        return None if v == -1 else v
 
-    @field_validator("suffix", "logit_bias")
+    @field_validator("logit_bias")
     @classmethod
     def _unsupported(cls, v: object, info: ValidationInfo) -> object:
         if v:
@@ -119,16 +115,57 @@ class CompletionRequest(OpenAIBaseModel):
             raise ValueError("this penalty is not supported; use repetition_penalty")
         return v
 
-    @field_validator("plan")
+    @field_validator("plan", mode="before")
     @classmethod
-    def _plan(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or any(c not in (0, 1, 2) for c in v)):
+    def _plan(cls, v: object) -> object:
+        if not isinstance(v, list):
+            return v
+        if not v or any(type(c) is not int or c not in (0, 1, 2) for c in v):
             raise ValueError("plan must be a non-empty list of per-layer counts 0 (skip), 1 or 2 (repeat)")
+        if not any(v):
+            raise ValueError("plan must execute at least one block (all counts are 0)")
         return v
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# --- completions --------------------------------------------------------------------------------------
+class CompletionRequest(SamplingRequest):
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    # OpenAI fields drllm does not implement: accepted only at their neutral values
+    best_of: int | None = Field(None, json_schema_extra={"minimum": 1, "maximum": 1})
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: object) -> object:
+        # clear messages for what the union's constraints refuse (its own errors name a union member)
+        items = v if isinstance(v, list) else [v]
+        if v in ("", []) or any(p in ("", []) for p in items):
+            raise ValueError("prompt must not be empty")
+        ids = [t for p in items for t in (p if isinstance(p, list) else [p])]
+        if any(isinstance(t, int) and t < 0 for t in ids):
+            raise ValueError("token ids must be >= 0")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError("best_of other than 1 is not supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix is not supported")
+        return v
 
     def to_sampling_params(self, defaults: dict[str, Any] | None = None, seed_offset: int = 0) -> SamplingParams:
         """The user's value first, then the server's default, then OpenAI's default."""
@@ -206,6 +243,10 @@ class CompletionStreamResponse(BaseModel):
     routing: list[RoutingInfo | None] | None = None  # the usage chunk only: per choice, by index
 
 
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
 # --- models -------------------------------------------------------------------------------------------
 class ModelCard(BaseModel):
     id: str
@@ -213,6 +254,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "drllm"
     root: str | None = None
+    parent: str | None = Field(None, exclude_if=lambda v: v is None)  # a profile's served model
+    routing_profile: str | None = Field(None, exclude_if=lambda v: v is None)  # full | auto | budget:B
     max_model_len: int
 
 

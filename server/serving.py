@@ -7,12 +7,14 @@ against a fake engine.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+
+from pydantic import BaseModel as PydanticModel
 
 from routing.generation import (
     ContextLengthError,
@@ -110,6 +112,12 @@ class OpenAIServingCompletion:
 
     async def create_completion(self, request: CompletionRequest
                                 ) -> CompletionResponse | ErrorResponse | AsyncIterator[str]:
+        result = await self.complete(request)
+        return sse_stream(result, request.include_usage) if isinstance(result, AsyncIterator) else result
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse | ErrorResponse | ChunkStream:
+        """Run one Completions request: the response, or (stream=true) its chunks as objects, ending with an
+        ErrorResponse if the stream fails. The one generation path: Chat Completions reshapes what this returns."""
         try:
             prompts, reqs = self._prepare(request)
             handle = self.engine.submit(reqs)
@@ -208,7 +216,7 @@ class OpenAIServingCompletion:
         return CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=out,
                                   usage=_usage(meta, choices))
 
-    async def _stream(self, meta: _Meta, handle: RequestHandle) -> AsyncIterator[str]:
+    async def _stream(self, meta: _Meta, handle: RequestHandle) -> ChunkStream:
         request = meta.request
         choices = [_Choice() for _ in handle.seq_ids]
         started = [False] * len(choices)
@@ -232,15 +240,14 @@ class OpenAIServingCompletion:
                     choice = CompletionChoice(index=i, text=text, logprobs=lp,
                                               finish_reason=out.finish_reason,
                                               routing=_routing(c.routing) if out.finished else None)
-                    yield _sse(CompletionStreamResponse(id=meta.id, created=meta.created, model=meta.model,
-                                                        choices=[choice]), request.include_usage)
+                    yield CompletionStreamResponse(id=meta.id, created=meta.created, model=meta.model,
+                                                   choices=[choice])
                 if request.include_usage:
-                    yield _sse(CompletionStreamResponse(id=meta.id, created=meta.created, model=meta.model,
-                                                        choices=[], usage=_usage(meta, choices),
-                                                        routing=[_routing(c.routing) for c in choices]), True)
-            except Exception as e:  # noqa: BLE001 - a failed stream ends with an error chunk, then [DONE]
-                yield f"data: {json.dumps(create_error_response(e).model_dump())}\n\n"
-            yield "data: [DONE]\n\n"
+                    yield CompletionStreamResponse(id=meta.id, created=meta.created, model=meta.model, choices=[],
+                                                   usage=_usage(meta, choices),
+                                                   routing=[_routing(c.routing) for c in choices])
+            except Exception as e:  # noqa: BLE001 - a failed stream ends with an error chunk
+                yield create_error_response(e)
         finally:
             self.engine.abort(handle)  # client gone mid-stream, or failed: free the rows
 
@@ -286,12 +293,21 @@ def _usage(meta: _Meta, choices: list[_Choice]) -> UsageInfo:
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _sse(chunk: CompletionStreamResponse, include_usage: bool) -> str:
-    # `usage: null` on every chunk only when the usage chunk was asked for (as OpenAI); `routing` only there
-    drop = {"routing"} if chunk.routing is None else set()
-    if chunk.usage is None and not include_usage:
-        drop.add("usage")
-    return f"data: {chunk.model_dump_json(exclude=drop)}\n\n"
+ChunkStream = AsyncGenerator[CompletionStreamResponse | ErrorResponse, None]
+
+
+async def sse_stream(chunks: AsyncGenerator[PydanticModel, None], include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events for a stream of chunk objects: one `data:` line each, then `data: [DONE]`.
+    `usage: null` on every chunk only when the usage chunk was asked for (as OpenAI); `routing` only where set."""
+    async with contextlib.aclosing(chunks):  # closing the events closes the chunks (aborts the request)
+        async for chunk in chunks:
+            drop = set()
+            if getattr(chunk, "routing", True) is None:
+                drop.add("routing")
+            if getattr(chunk, "usage", True) is None and not include_usage:
+                drop.add("usage")
+            yield f"data: {chunk.model_dump_json(exclude=drop)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def list_models(engine: EngineClient, created: int) -> ModelList:

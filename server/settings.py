@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .profiles import DEFAULT_PROFILES, Profile
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -29,6 +31,8 @@ class ServerSettings(BaseSettings):
     quantization: Literal["none", "int8"] = "none"  # int8: per-channel int8 weights, CPU only (routing.quant)
     torch_threads: int | None = Field(None, ge=0)  # CPU intra-op threads; None: all cores but one; 0: torch's
     log_level: str = "info"
+    # routing profiles NAME=SPEC, served as <model>:<NAME>; DRLLM_PROFILES is comma-separated ("" for none)
+    profiles: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_PROFILES))
 
     @field_validator("log_level")
     @classmethod
@@ -36,6 +40,18 @@ class ServerSettings(BaseSettings):
         if v.lower() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         return v.lower()
+
+    @field_validator("profiles", mode="before")
+    @classmethod
+    def _profiles(cls, v: object) -> object:
+        items = [x.strip() for x in v.split(",")] if isinstance(v, str) else v
+        if not isinstance(items, list):
+            return items
+        items = [x for x in items if x]
+        names = [Profile.parse(x).name for x in items]  # ValueError: a bad spec stops the server at start
+        if len(set(names)) != len(names):
+            raise ValueError(f"profile names must be unique: {', '.join(names)}")
+        return items
 
     @field_validator("routers", "model")
     @classmethod
@@ -64,6 +80,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-threads", type=int,
                    help="CPU threads for the model (default: all cores but one, left for HTTP; 0: torch's "
                         "default) [DRLLM_TORCH_THREADS]")
+    p.add_argument("--profile", action="append", dest="profiles", metavar="NAME=SPEC",
+                   help="serve <model>:NAME with routing SPEC: full, auto or budget:B; repeatable; replaces the "
+                        f"defaults ({', '.join(DEFAULT_PROFILES)}) [DRLLM_PROFILES, comma-separated]")
     p.add_argument("--log-level", help=f"{', '.join(LOG_LEVELS)} (default info) [DRLLM_LOG_LEVEL]")
     p.set_defaults(func=_cmd_serve)
 

@@ -128,7 +128,8 @@ def test_health_version_models(live: LiveServer, model_name: str) -> None:
     assert v["model"] == model_name and v["state"] == "ready" and v["routers_loaded"] is False
     models = httpx.get(live.url + "/v1/models").json()
     assert models["object"] == "list"
-    assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [(model_name, 8192)]
+    assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [
+        (model_name, 8192), (f"{model_name}:full", 8192), (f"{model_name}:eco", 8192)]  # the default profiles
 
 
 def test_openai_client_completion(client: OpenAI, model_name: str, default_model: BaseModel) -> None:
