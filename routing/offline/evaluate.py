@@ -360,7 +360,8 @@ def write_report(out: Path, results: list[dict[str, object]], meta: dict[str, ob
                          f"{ro['mean_executions']:.2f} | {st} | {ra} |")
     lines += ["", f"Accuracy in % with its 95 % Wilson interval; W/L: examples routed right and full wrong / "
               f"the reverse. exec: mean block executions of L = {L} (a repeat counts 2). Static: the same "
-              "number of blocks dropped for every prompt, least important first (single-removal order); "
+              "number of blocks dropped for every prompt, least important first (the policy's static order: "
+              "single-block removal measured in calibration, or the search's skip shares); "
               "random: per example a random plan with the routed plan's execution count.", "",
               "## Fidelity (chat prompts; full model's mean log-probability per token of the answers)", "",
               "| set | n | budget | arm | Δ nats/token vs full answer | garbled (< −1) | exec |", "|---|---|---|---|---|---|---|"]
