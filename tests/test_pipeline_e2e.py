@@ -75,3 +75,16 @@ def test_cli_has_pipeline_commands() -> None:
     a = p.parse_args(["calibrate", "--routers", "r", "--data", "arc:p", "--fidelity", "everyday"])
     assert a.split == "calib" and a.fidelity == ["everyday"]
     assert p.parse_args(["eval", "--routers", "default", "--data", "arc:p", "--out", "o"]).command == "eval"
+
+
+def test_every_command_help_renders() -> None:
+    """argparse %-formats help strings: a bare '%' in one crashed `drllm --help` (regression)."""
+    import argparse
+
+    from server.cli import _add_serve
+
+    p = build_parser(_add_serve)
+    assert "calibrate" in p.format_help()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    for name, cmd in sub.choices.items():
+        assert cmd.format_help(), name

@@ -379,7 +379,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="full vs routed accuracy and fidelity at budgets, with static and random "
-                       "baselines, 95 % intervals -> report.json, report.md, plots")
+                       "baselines, 95 %% intervals -> report.json, report.md, plots")
     add_model_args(p)
     add_item_args(p)
     p.add_argument("--routers", required=True, help="router checkpoint dir or 'default'")
