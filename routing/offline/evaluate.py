@@ -31,7 +31,15 @@ from ..routers import RouterPlanner, Routers
 from .greedy import greedy_answers
 from .plan_scoring import PlanScorer
 from .supervision import Item
-from .tasks.scoring import PlanScore, encode_fidelity, is_correct, mc_prediction, mean_logprob, stop_ids
+from .tasks.scoring import (
+    PlanScore,
+    choice_scores,
+    encode_fidelity,
+    is_correct,
+    mc_prediction,
+    mean_logprob,
+    stop_ids,
+)
 
 Plan = tuple[int, ...]
 GARBLED_NATS = 1.0  # a routed answer this far below the full-depth answer (nats/token) counts as garbled
@@ -159,10 +167,16 @@ class Evaluator:
 
 def _quality(it: Item, s: PlanScore, norm: bool) -> float:
     if it.enc.is_mc:
-        sc = torch.tensor(list(s.label_logits) if it.enc.kind == "letter" else
-                          [lp / (n if norm else 1) for lp, n in zip(s.cont_logprob, it.enc.chars, strict=True)])
-        return float(torch.log_softmax(sc.double(), -1)[it.enc.gold])
+        sc = torch.tensor(choice_scores(it.enc, s, norm), dtype=torch.double)
+        return float(torch.log_softmax(sc, -1)[it.enc.gold])
     return mean_logprob(it.enc, s)
+
+
+def fidelity_stats(diffs: Sequence[float]) -> tuple[float, float]:
+    """Per-answer fidelity differences (nats/token; -inf for an empty answer) -> (mean difference, each
+    clipped at -10 so that an empty answer counts but does not swamp the mean; % garbled)."""
+    n = max(1, len(diffs))
+    return (sum(max(x, -10.0) for x in diffs) / n, 100 * sum(x < -GARBLED_NATS for x in diffs) / n)
 
 
 def _chance(items: Sequence[Item]) -> float:
@@ -192,10 +206,9 @@ class Arm:
                 d.update(wins=sum(c and not b for c, b in zip(self.correct, base, strict=True)),
                          losses=sum(b and not c for c, b in zip(self.correct, base, strict=True)))
         if self.fid is not None:
-            finite = [x for x in self.fid if math.isfinite(x)]
-            d.update(fidelity_delta=sum(max(x, -10.0) for x in self.fid) / max(1, n),
-                     garbled=100 * sum(x < -GARBLED_NATS for x in self.fid) / max(1, n),
-                     empty=sum(not math.isfinite(x) for x in self.fid), n_finite=len(finite))
+            delta, garbled = fidelity_stats(self.fid)
+            d.update(fidelity_delta=delta, garbled=garbled, empty=sum(not math.isfinite(x) for x in self.fid),
+                     n_finite=sum(math.isfinite(x) for x in self.fid))
         return d
 
 
@@ -288,10 +301,8 @@ def calibrate(ev: Evaluator, routers: Routers, items: list[Item], thresholds: Se
             row.update(mc_accuracy=100 * sum(ok) / len(mc), mc_saved=ev.L - sum(map(sum, plans)) / len(mc))
         if fid:
             plans = ev.route(routers, policy, fid, b)
-            f = ev.fidelity(fid, plans)
-            row.update(fidelity_delta=sum(max(x, -10.0) for x in f) / len(fid),
-                       garbled=100 * sum(x < -GARBLED_NATS for x in f) / len(fid),
-                       fidelity_saved=ev.L - sum(map(sum, plans)) / len(fid))
+            delta, garbled = fidelity_stats(ev.fidelity(fid, plans))
+            row.update(fidelity_delta=delta, garbled=garbled, fidelity_saved=ev.L - sum(map(sum, plans)) / len(fid))
         return row
 
     def ok(r: dict[str, float]) -> bool:
