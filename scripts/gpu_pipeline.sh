@@ -9,7 +9,10 @@
 # Env: DRLLM (the drllm command; default `.venv/bin/drllm`, or `python3 -m server.cli`), SIMS (plan
 # evaluations per example, default 48), ROWS (executor rows per forward, default 1024), GROUP (examples
 # searched in lockstep, default 512), STAGES (default "search train calibrate eval"), VARIANTS (router
-# training variants, default "cw": effective-number class weights; "uniform": uniform ones).
+# training variants, default "cw": effective-number class weights; "uniform": uniform ones), METHOD (the
+# search: "mcts", default, or "static": bisection along ORDER, the static skip order as a comma list or a
+# router checkpoint, skipping at most MAX_SKIP blocks, default 8; static searches use no math task data,
+# whose full-depth answers are almost all wrong), ARC_SETS (default "Easy Challenge").
 # Measured on one H200 (float32 with TF32 matmuls): the search of 6,787 examples x 40 plan evaluations
 # took 287 s (947 plan evaluations/s, 42 s per 1,000 examples).
 set -uo pipefail
@@ -22,6 +25,9 @@ ROWS=${ROWS:-1024}
 GROUP=${GROUP:-512}
 STAGES=${STAGES:-search train calibrate eval}
 VARIANTS=${VARIANTS:-cw}
+METHOD=${METHOD:-mcts}
+MAX_SKIP=${MAX_SKIP:-8}
+ARC_SETS=${ARC_SETS:-Easy Challenge}
 MATH_TRAIN="math:levels=1-5,n=200,split=train,seed=0"
 MATH_FID="math:levels=1-5,n=60,split=train,seed=0"
 COMMON=(--device "$DEV" --dtype float32 --threads 8)
@@ -29,11 +35,20 @@ mkdir -p "$RUN"
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
+ARC_TRAIN=()
+for s in $ARC_SETS; do ARC_TRAIN+=(--data "arc:$ARC/ARC-$s-Train.jsonl"); done
+SEARCH=(--simulations "$SIMS" --data "$MATH_TRAIN")
+ORDER_ARGS=(--order-from "$RUN/search.jsonl")
+if [ "$METHOD" = static ]; then
+  SEARCH=(--method static --order "${ORDER:?METHOD=static needs ORDER}" --max-skip "$MAX_SKIP")
+  ORDER_ARGS=(--order "$ORDER")
+fi
+
 if has search; then
-  stamp "search: ARC-Easy/Challenge train, generated math, fidelity prompts (train split), $SIMS evals each"
-  $DRLLM search "${COMMON[@]}" --data "arc:$ARC/ARC-Easy-Train.jsonl" --data "arc:$ARC/ARC-Challenge-Train.jsonl" \
-    --data "$MATH_TRAIN" --fidelity everyday --fidelity "arc:$ARC/ARC-Easy-Train.jsonl" --fidelity "$MATH_FID" \
-    --split train --simulations "$SIMS" --rows "$ROWS" --group "$GROUP" --gen-batch 256 \
+  stamp "search ($METHOD): ARC $ARC_SETS train, fidelity prompts (train split)"
+  $DRLLM search "${COMMON[@]}" "${ARC_TRAIN[@]}" "${SEARCH[@]}" \
+    --fidelity everyday --fidelity "arc:$ARC/ARC-Easy-Train.jsonl" --fidelity "$MATH_FID" \
+    --split train --rows "$ROWS" --group "$GROUP" --gen-batch 256 \
     --answers "$RUN/answers.jsonl" --out "$RUN/search.jsonl"
   $DRLLM search-summary "$RUN/search.jsonl" > "$RUN/search_summary.json"
   stamp "search done: $(wc -l < "$RUN/search.jsonl") records"
@@ -48,10 +63,9 @@ for V in $VARIANTS; do
   fi
   if has calibrate; then
     stamp "calibrate $V"
-    $DRLLM calibrate "${COMMON[@]}" --routers "$CK" --data "arc:$ARC/ARC-Easy-Train.jsonl" \
-      --data "arc:$ARC/ARC-Challenge-Train.jsonl" --fidelity everyday --fidelity "arc:$ARC/ARC-Easy-Train.jsonl" \
+    $DRLLM calibrate "${COMMON[@]}" --routers "$CK" "${ARC_TRAIN[@]}" --fidelity everyday --fidelity "arc:$ARC/ARC-Easy-Train.jsonl" \
       --fidelity "$MATH_FID" --split calib --answers "$RUN/answers-calib.jsonl" --rows "$ROWS" --batch 256 \
-      --order-from "$RUN/search.jsonl" \
+      "${ORDER_ARGS[@]}" \
       --gen-batch 256 --threshold 0.4 --threshold 0.5 --threshold 0.6 --threshold 0.7 --threshold 0.8 \
       --threshold 0.9 --threshold 0.95 --write > "$RUN/calibrate-$V.json"
   fi

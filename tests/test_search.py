@@ -3,14 +3,24 @@ many examples in lockstep equal searching each alone, and the chain baseline sta
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from toytok import toy_model
 
 from routing.offline.plan_scoring import PlanScorer
-from routing.offline.search import MCTS, SearchConfig, actions, apply_action, search_example, search_many
+from routing.offline.search import (
+    MCTS,
+    SearchConfig,
+    StaticChain,
+    actions,
+    apply_action,
+    search_example,
+    search_many,
+)
 from routing.offline.tasks.base import Example
-from routing.offline.tasks.scoring import Criteria, encode, is_correct
+from routing.offline.tasks.scoring import Criteria, Outcome, encode, is_correct
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +105,42 @@ def test_search_config_rejects_unknown_method(model) -> None:
     with pytest.raises(ValueError, match="method"):
         search_many(PlanScorer(model), [], SearchConfig(), method="beam")
     assert torch.tensor(0).item() == 0
+
+
+def _drive_static(L: int, order: tuple[int, ...], max_skip: int, ok_upto: int) -> StaticChain:
+    """Run a StaticChain whose plan k is acceptable iff k <= ok_upto (k = blocks of `order` skipped)."""
+    s = StaticChain(L, SearchConfig(order=order, max_skip=max_skip, simulations=32))
+    gen = s.steps()
+    plans = next(gen)
+    try:
+        while True:
+            outs = []
+            for p in plans:
+                k = sum(c == 0 for c in p)
+                assert p == s.plan_k(k)  # every plan asked for is a prefix of the order
+                outs.append(Outcome(k <= ok_upto, 1.0, k <= ok_upto))
+            plans = gen.send(outs)
+    except StopIteration:
+        pass
+    return s
+
+
+@pytest.mark.parametrize("ok_upto", range(0, 10))
+def test_static_chain_finds_longest_acceptable_prefix(ok_upto: int) -> None:
+    L, order = 12, (7, 3, 9, 0, 11, 5, 2, 8, 1, 4)
+    s = _drive_static(L, order, max_skip=8, ok_upto=ok_upto)
+    plan, o = s.best()
+    k = min(ok_upto, 8)
+    assert o.ok and plan == s.plan_k(k) and sum(plan) == L - k
+    assert all(plan[i] == 0 for i in order[:k]) and all(plan[i] == 1 for i in order[k:])
+    assert s.evals <= 1 + math.ceil(math.log2(9))  # the full plan + bisection over k = 0..8
+
+
+def test_static_chain_needs_an_order(model) -> None:
+    enc = _plant(model, (1, 0, 0, 1, 1, 1))[1]
+    with pytest.raises(ValueError, match="order"):
+        search_example(PlanScorer(model, max_rows=40), enc, SearchConfig(), method="static")
+    res = search_example(PlanScorer(model, max_rows=40), enc, SearchConfig(order=(2, 1, 4), max_skip=3),
+                         method="static")
+    skipped = {i for i, c in enumerate(res.target) if c == 0}
+    assert skipped in (set(), {2}, {1, 2}, {1, 2, 4})

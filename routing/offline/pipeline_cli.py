@@ -77,6 +77,23 @@ def _criteria(args: argparse.Namespace):  # -> Criteria
     return Criteria(norm=args.norm, fidelity_margin=args.fidelity_margin, fidelity_agree=args.fidelity_agree)
 
 
+def _skip_order(spec: str | None, L: int) -> tuple[int, ...]:
+    """--order: a comma list of block indices, or a router checkpoint directory (its policy's budget_order).
+    Raises ValueError for indices out of range or repeated."""
+    if not spec:
+        return ()
+    if Path(spec).is_dir():
+        from ..policy import RoutingPolicy
+
+        meta = json.loads((Path(spec) / "router.json").read_text())
+        order = RoutingPolicy.from_dict(meta.get("policy")).budget_order
+    else:
+        order = tuple(int(x) for x in spec.split(",") if x.strip())
+    if len(set(order)) != len(order) or not all(0 <= i < L for i in order):
+        raise ValueError(f"--order must list distinct blocks in [0, {L})")
+    return order
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     import time
 
@@ -116,7 +133,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     todo = [it for it in items if (it.task, it.id) not in done]
     cfg = SearchConfig(simulations=args.simulations, c_explore=args.c_explore, length_penalty=args.length_penalty,
                        soft_weight=args.soft_weight, widen=args.widen, rollout=args.rollout, batch=args.batch,
-                       stop_saved=args.stop_saved, stop_on_fix=args.stop_on_fix, seed=args.seed)
+                       stop_saved=args.stop_saved, stop_on_fix=args.stop_on_fix, seed=args.seed,
+                       order=_skip_order(args.order, L), max_skip=args.max_skip)
+    if args.method == "static" and not cfg.order:
+        raise ValueError("--method static needs --order (a comma list of blocks or a router checkpoint)")
     crit = _criteria(args)
     scorer = PlanScorer(model, max_rows=args.rows, stops=stop_ids(model.tokenizer, model.eos_token_ids),
                         capacity=max((len(it.enc.ids) + max((len(c) for c in it.enc.conts), default=1)
@@ -252,6 +272,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     items = _items_for(args, model, args.split)
     ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens)
     order = search_order(list(read_records(args.order_from).values()))[0] if args.order_from else None
+    if args.order:
+        if order is not None:
+            raise ValueError("give --order or --order-from, not both")
+        order = list(_skip_order(args.order, model.spec.n_layers))
     policy, report = calibrate(ev, routers, items, args.threshold or [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
                                repeat_threshold=args.repeat_threshold, budget=args.at_budget,
                                max_acc_drop=args.max_acc_drop, max_garbled=args.max_garbled,
@@ -332,8 +356,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-examples", type=int, default=None, help="stop after this many examples")
     p.add_argument("--ids-from", default=None,
                    help="search only the examples of this search JSONL, in its order (to compare methods)")
-    p.add_argument("--method", choices=("mcts", "chain"), default="mcts",
-                   help="mcts, or the reference's chain of random edits")
+    p.add_argument("--order", default=None,
+                   help="--method static: blocks in skip order (comma list) or a router checkpoint (its budget_order)")
+    p.add_argument("--max-skip", type=int, default=8, help="--method static: longest prefix of --order tried")
+    p.add_argument("--method", choices=("mcts", "chain", "static"), default="mcts",
+                   help="mcts; chain: the reference's chain of random edits; static: bisection along --order")
     p.add_argument("--simulations", type=int, default=32, help="plan evaluations per example")
     p.add_argument("--c-explore", type=float, default=1.8)
     p.add_argument("--length-penalty", type=float, default=0.5)
@@ -411,6 +438,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-garbled", type=float, default=5.0, help="percent of fidelity answers")
     p.add_argument("--max-fid-drop", type=float, default=0.3, help="nats/token of mean fidelity")
     p.add_argument("--write", action="store_true", help="store the chosen policy in the checkpoint")
+    p.add_argument("--order", default=None,
+                   help="the static order: a comma list of blocks or a router checkpoint (its budget_order)")
     p.add_argument("--order-from", action="append", default=None,
                    help="take the static order from these search JSONL files (how often each block was "
                    "skippable) instead of measuring single-block removal")

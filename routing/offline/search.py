@@ -41,6 +41,8 @@ class SearchConfig:
     stop_saved: int = 0  # early stop once an acceptable plan saves this many executions (0: never)
     stop_on_fix: bool = False  # early stop: a right plan for an example the full model gets wrong
     seed: int = 0
+    order: tuple[int, ...] = ()  # method "static": blocks in the order they may be skipped (least important first)
+    max_skip: int = 8  # method "static": the longest prefix of `order` tried
 
 
 def actions(plan: Plan) -> list[Action]:
@@ -226,7 +228,34 @@ class RandomChain(_Search):
             yield from self.ask(chain[i:i + self.cfg.batch])
 
 
-METHODS: dict[str, type[_Search]] = {"mcts": MCTS, "chain": RandomChain}
+class StaticChain(_Search):
+    """Nested plans along a fixed skip order: plan k skips the first k blocks of `cfg.order`
+    (k = 0 .. max_skip). Bisection finds the longest acceptable prefix in about log2(max_skip + 1) + 1 plan
+    evaluations, assuming acceptability is monotone in k (a boundary is found either way).
+
+    Why (beyond the paper): with a few dozen free-form edits per example, a four-way multiple-choice
+    argmax is often kept by luck, so MCTS targets of a small model are noisy (see the shipped checkpoint's
+    README). Prefixes of one order chosen on data give each example one number — how deep it can be cut —
+    that routers can learn, and they nest with the `static` budget rule."""
+
+    def plan_k(self, k: int) -> Plan:
+        p = list(self.root_plan)
+        for i in self.cfg.order[:k]:
+            p[i] = 0
+        return tuple(p)
+
+    def steps(self) -> Steps:
+        if not self.cfg.order:
+            raise ValueError("the static search needs an order (SearchConfig.order)")
+        yield from self.ask([self.root_plan])
+        lo, hi = 0, min(self.cfg.max_skip, len(self.cfg.order), self.L - 1) + 1  # plan lo acceptable, hi not
+        while hi - lo > 1 and self.evals < self.cfg.simulations:
+            mid = (lo + hi) // 2
+            (o,) = yield from self.ask([self.plan_k(mid)])
+            lo, hi = (mid, hi) if o.ok else (lo, mid)
+
+
+METHODS: dict[str, type[_Search]] = {"mcts": MCTS, "chain": RandomChain, "static": StaticChain}
 
 
 def search_many(scorer: PlanScorer, encs: Sequence[Encoded], cfg: SearchConfig, method: str = "mcts",
