@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from toytok import toy_model
 
 from routing.checkpoint import update_meta
@@ -21,7 +22,8 @@ from routing.router_net import RouterConfig
 from routing.routers import load_routers, save_routers
 
 
-def test_search_train_calibrate_eval_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["mcts", "static"])
+def test_search_train_calibrate_eval_end_to_end(tmp_path: Path, method: str) -> None:
     model = toy_model(seed=2)
     L = model.spec.n_layers
     tok = model.tokenizer
@@ -31,9 +33,15 @@ def test_search_train_calibrate_eval_end_to_end(tmp_path: Path) -> None:
     items += [Item("fidelity-toy", str(i), encode_fidelity(list(tok(f"Say {i}")["input_ids"]), [40 + i, 41, 42]))
               for i in range(3)]
     scorer = PlanScorer(model, max_rows=16, stops=stop_ids(tok, model.eos_token_ids))
-    res = search_many(scorer, [it.enc for it in items], SearchConfig(simulations=8, batch=4), seeds=list(range(11)))
+    order = tuple(reversed(range(L)))
+    cfg = SearchConfig(simulations=8, batch=4, order=order, max_skip=3)
+    res = search_many(scorer, [it.enc for it in items], cfg, method, seeds=list(range(11)))
     recs = [r.record(L) for r in res]
     assert all(len(r["target"]) == L and r["evals"] <= 8 for r in recs)
+    if method == "static":  # every target skips a prefix of the order, at most max_skip long
+        for r in recs:
+            k = r["target"].count(0)
+            assert k <= 3 and all(r["target"][i] == (0 if j < k else 1) for j, i in enumerate(order))
     feats = precompute(model, [list(it.enc.ids) for it in items], [r["target"] for r in recs], window=4)
     assert feats.pooled.shape == (11, L, 4, model.spec.hidden_size)
     routers, info = train_routers(feats, RouterConfig(L, model.spec.hidden_size, window=4, bottleneck=16),
