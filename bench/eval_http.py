@@ -22,8 +22,8 @@ import sys
 
 import httpx
 
+from cli.pipeline import load_sources, parse_sources
 from routing.offline.evaluate import wilson
-from routing.offline.pipeline_cli import load_sources, parse_sources
 from routing.offline.tasks.scoring import encode
 
 

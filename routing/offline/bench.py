@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_model_args
+    from cli.main import add_model_args
 
     p = sub.add_parser("bench", help="benchmark the executor against transformers and routed plans")
     add_model_args(p)

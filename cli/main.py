@@ -1,7 +1,4 @@
-"""`drllm` subcommands that need only the model side (generate, search, train, eval, bench, ...).
-
-`server.cli` adds `serve` and is the console entry point; this module never imports the server.
-"""
+"""The `drllm` console entry point: model-side subcommands (generate, bench), the offline pipeline and `serve`."""
 
 from __future__ import annotations
 
@@ -22,7 +19,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_fetch_default(args: argparse.Namespace) -> int:
-    from .model import resolve_source
+    from routing.model import resolve_source
 
     path, _ = resolve_source("default")
     print(path)
@@ -30,17 +27,17 @@ def _cmd_fetch_default(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import BatchGenerator, GenerationRequest
-    from .model import load_model
-    from .plan import LayerPlan, plan_summary
-    from .sampling import SamplingParams
+    from routing.generation import BatchGenerator, GenerationRequest
+    from routing.model import load_model
+    from routing.plan import LayerPlan, plan_summary
+    from routing.sampling import SamplingParams
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
     L = model.spec.n_layers
     plan = LayerPlan.parse(args.plan, L) if args.plan else None
     planner = None
     if plan is None and args.routers not in (None, "none") and args.budget != "full":
-        from .routers import RouterPlanner, load_routers
+        from routing.routers import RouterPlanner, load_routers
 
         planner = RouterPlanner(load_routers(args.routers, model))
     budget = None if args.budget in (None, "full") else float(args.budget)
@@ -104,11 +101,14 @@ def build_parser(extra: Callable[[argparse._SubParsersAction], None] | None = No
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_generate)
 
-    from .offline.bench import register as register_bench
+    from routing.offline.bench import register as register_bench
 
     register_bench(sub)
     for register in _registered:
         register(sub)
+    from server.settings import add_serve_parser
+
+    add_serve_parser(sub)
     if extra is not None:
         extra(sub)
     return parser
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None,
         print(f"drllm: error: {e}", file=sys.stderr)
         return 2
 
-from .offline.pipeline_cli import register as _register_pipeline  # noqa: E402
+from .pipeline import register as _register_pipeline  # noqa: E402
 
 _registered.append(_register_pipeline)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 def parse_sources(specs: list[str], default_kind: str | None, limit: int | None) -> list[tuple[str, str]]:
     """'arc:PATH', 'math:levels=1-5,n=20', or a bare PATH with --task KIND -> [(kind, path)]."""
-    from .tasks.base import TASK_KINDS
+    from routing.offline.tasks.base import TASK_KINDS
 
     out = []
     for s in specs:
@@ -26,7 +26,7 @@ def parse_sources(specs: list[str], default_kind: str | None, limit: int | None)
 
 
 def load_sources(sources: list[tuple[str, str]], limit: int | None):  # -> list[Example]
-    from .tasks import load_task
+    from routing.offline.tasks import load_task
 
     ex = []
     for kind, path in sources:
@@ -43,7 +43,7 @@ def example_seed(seed: int, task: str, eid: str) -> int:
 def _setup(args: argparse.Namespace):  # -> BaseModel
     import torch
 
-    from ..model import load_model
+    from routing.model import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,8 +57,8 @@ def _setup(args: argparse.Namespace):  # -> BaseModel
 
 def _items_for(args: argparse.Namespace, model, split: str | None):  # -> list[Item]
     """Task items of --data and fidelity items of --fidelity (chat prompts of `split`)."""
-    from .supervision import fidelity_items, fidelity_prompts, task_items
-    from .tasks.fidelity import task_split
+    from routing.offline.supervision import fidelity_items, fidelity_prompts, task_items
+    from routing.offline.tasks.fidelity import task_split
 
     examples = load_sources(parse_sources(args.data or [], args.task, args.limit), args.limit)
     if split in ("train", "calib"):  # training files: 85 % search/train, 15 % calibration
@@ -72,7 +72,7 @@ def _items_for(args: argparse.Namespace, model, split: str | None):  # -> list[I
 
 
 def _criteria(args: argparse.Namespace):  # -> Criteria
-    from .tasks.scoring import Criteria
+    from routing.offline.tasks.scoring import Criteria
 
     return Criteria(norm=args.norm, fidelity_margin=args.fidelity_margin, fidelity_agree=args.fidelity_agree)
 
@@ -82,9 +82,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from .plan_scoring import PlanScorer
-    from .search import SearchConfig, search_many
-    from .tasks.scoring import stop_ids
+    from routing.offline.plan_scoring import PlanScorer
+    from routing.offline.search import SearchConfig, search_many
+    from routing.offline.tasks.scoring import stop_ids
 
     i, n = (int(x) for x in args.shard.split("/"))
     if not 0 <= i < n:
@@ -179,9 +179,9 @@ def read_records(paths: list[str]) -> dict[tuple[str, str], dict]:
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from ..router_net import RouterConfig
-    from ..routers import save_routers
-    from .train import TrainConfig, precompute, train_routers
+    from routing.offline.train import TrainConfig, precompute, train_routers
+    from routing.router_net import RouterConfig
+    from routing.routers import save_routers
 
     records = read_records(args.search)
     keys = sorted(records)
@@ -216,9 +216,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ..policy import RoutingPolicy
-    from ..routers import load_routers
-    from .evaluate import Evaluator, evaluate, write_report
+    from routing.offline.evaluate import Evaluator, evaluate, write_report
+    from routing.policy import RoutingPolicy
+    from routing.routers import load_routers
 
     budgets = [None if b in ("none", "auto") else float(b) for b in (args.budget or ["none"])]
     model = _setup(args)
@@ -243,9 +243,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..checkpoint import update_meta
-    from ..routers import load_routers
-    from .evaluate import Evaluator, calibrate, search_order
+    from routing.checkpoint import update_meta
+    from routing.offline.evaluate import Evaluator, calibrate, search_order
+    from routing.routers import load_routers
 
     model = _setup(args)
     routers = load_routers(args.routers, model)
@@ -264,7 +264,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_search_summary(args: argparse.Namespace) -> int:
-    from .search import summarize
+    from routing.offline.search import summarize
 
     runs: dict[str, list[dict]] = {}
     for p in args.files:
@@ -279,7 +279,7 @@ def _cmd_search_summary(args: argparse.Namespace) -> int:
 
 
 def _cmd_report_merge(args: argparse.Namespace) -> int:
-    from .evaluate import write_report
+    from routing.offline.evaluate import write_report
 
     tasks, metas = [], []
     for d in args.reports:
@@ -312,7 +312,7 @@ def add_item_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_model_args  # routing.cli registers this module's commands: import it late
+    from .main import add_model_args  # cli.main registers this module's commands: import it late
     p = sub.add_parser("report-merge", help="merge eval report directories (e.g. of parallel runs) into one")
     p.add_argument("reports", nargs="+")
     p.add_argument("--out", required=True)
