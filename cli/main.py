@@ -1,137 +1,36 @@
-"""The `drllm` console entry point: model-side subcommands (generate, bench), the offline pipeline and `serve`."""
+"""The `drllm` console entry point: one argparse tree assembled from the command modules of this package.
+
+Each module's `register(sub)` adds its subcommands; a command imports the heavy modules (torch, the
+model, the server) only when it runs, so `drllm --help` stays fast. This package imports `routing` and
+`server`; neither imports it.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import sys
-from collections.abc import Callable
 
-Command = Callable[[argparse.Namespace], int]
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="HF directory, .gguf file, hub id, or 'default'")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32 (CPU default), bfloat16 (CUDA default), float16")
-    p.add_argument("--quantization", default="none", choices=("none", "int8"),
-                   help="int8: per-channel int8 weights for the blocks and LM head (CPU only)")
+from . import bench, generate, pipeline, serve
 
 
-def _cmd_fetch_default(args: argparse.Namespace) -> int:
-    from routing.model import resolve_source
-
-    path, _ = resolve_source("default")
-    print(path)
-    return 0
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from routing.generation import BatchGenerator, GenerationRequest
-    from routing.model import load_model
-    from routing.plan import LayerPlan, plan_summary
-    from routing.sampling import SamplingParams
-
-    model = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
-    L = model.spec.n_layers
-    plan = LayerPlan.parse(args.plan, L) if args.plan else None
-    planner = None
-    if plan is None and args.routers not in (None, "none") and args.budget != "full":
-        from routing.routers import RouterPlanner, load_routers
-
-        planner = RouterPlanner(load_routers(args.routers, model))
-    budget = None if args.budget in (None, "full") else float(args.budget)
-    tok = model.tokenizer
-    if args.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    else:
-        ids = tok(args.prompt)["input_ids"]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
-                            logprobs=0 if args.json else None)
-    gen = BatchGenerator(model, max_batch=1, planner=planner, no_cache=args.no_cache)
-    seq = gen.submit(GenerationRequest(ids, params, plan=plan, budget=budget,
-                                       routing="full" if args.budget == "full" else "auto"))
-    if not args.json:
-        while gen.has_work():
-            for out in gen.step():
-                sys.stdout.write(out.text)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-        return 0
-    gen.run_to_completion()
-    assert seq.plan is not None
-    out = {
-        "text": seq.text,
-        "token_ids": seq.generated,
-        "logprobs": [lp.logprob for lp in seq.logprobs],
-        "finish_reason": seq.finish_reason,
-        "prompt_tokens": len(ids),
-        **plan_summary(seq.plan),
-    }
-    if seq.decisions is not None:
-        out["decision_probs"] = seq.decisions
-    print(json.dumps(out))
-    return 0
-
-
-def build_parser(extra: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drllm", description="Dr.LLM dynamic layer routing: serve and train")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("fetch-default", help="download and convert the default base model (once)")
-    p.set_defaults(func=_cmd_fetch_default)
-
-    p = sub.add_parser("generate", help="generate text along a layer plan or the routers' plan")
-    add_model_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--plan", default=None, help="per-layer counts, e.g. 1,1,0,2,... (overrides routers)")
-    p.add_argument("--routers", default="none", help="router checkpoint dir, 'default' or 'none'")
-    p.add_argument("--budget", default=None, help="max executions as a fraction of L in (0, 2], or 'full'")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_generate)
-
-    from routing.offline.bench import register as register_bench
-
-    register_bench(sub)
-    for register in _registered:
-        register(sub)
-    from server.settings import add_serve_parser
-
-    add_serve_parser(sub)
-    if extra is not None:
-        extra(sub)
+    for module in (generate, bench, pipeline, serve):
+        module.register(sub)
     return parser
 
 
-_registered: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
-def main(argv: list[str] | None = None,
-         extra: Callable[[argparse._SubParsersAction], None] | None = None) -> int:
-    import logging
-
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; a ValueError or FileNotFoundError it raises is printed and exits with status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser(extra).parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"drllm: error: {e}", file=sys.stderr)
         return 2
-
-from .pipeline import register as _register_pipeline  # noqa: E402
-
-_registered.append(_register_pipeline)
 
 
 if __name__ == "__main__":

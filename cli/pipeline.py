@@ -8,6 +8,8 @@ import random
 import sys
 from pathlib import Path
 
+from .common import add_model_args
+
 
 def parse_sources(specs: list[str], default_kind: str | None, limit: int | None) -> list[tuple[str, str]]:
     """'arc:PATH', 'math:levels=1-5,n=20', or a bare PATH with --task KIND -> [(kind, path)]."""
@@ -312,7 +314,6 @@ def add_item_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .main import add_model_args  # cli.main registers this module's commands: import it late
     p = sub.add_parser("report-merge", help="merge eval report directories (e.g. of parallel runs) into one")
     p.add_argument("reports", nargs="+")
     p.add_argument("--out", required=True)

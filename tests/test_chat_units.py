@@ -149,7 +149,8 @@ def test_profile_fills_in_only_for_requests_that_do_not_route_themselves() -> No
 
 def test_profile_settings(monkeypatch) -> None:
     from cli.main import build_parser
-    from server.settings import ServerSettings, settings_from_args
+    from cli.serve import settings_from_args
+    from server.settings import ServerSettings
 
     def args(*argv: str):
         return build_parser().parse_args(["serve", *argv])

@@ -8,12 +8,13 @@ import pytest
 from pydantic import ValidationError
 
 from cli.main import build_parser
+from cli.serve import settings_from_args
 from routing.planner import FixedPlanner
 from server.engine import make_planner
 from server.errors import EngineFailure, EngineNotReady, ModelNotFound, QueueFull, RequestError, Unauthorized
 from server.protocol import CompletionRequest
 from server.serving import create_error_response
-from server.settings import ServerSettings, settings_from_args
+from server.settings import ServerSettings
 
 
 def _serve_args(*argv: str):
