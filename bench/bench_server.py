@@ -77,7 +77,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", args.model,
+    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--model", args.model,
            "--routers", args.routers, "--max-batch-size", str(args.max_batch_size), "--max-queue", "1024",
            "--log-level", "warning"]
     if args.device:

@@ -23,7 +23,7 @@ import sys
 import httpx
 
 from routing.offline.evaluate import wilson
-from routing.offline.pipeline_cli import load_sources, parse_sources
+from routing.offline.tasks import load_sources, parse_sources
 from routing.offline.tasks.scoring import encode
 
 
@@ -62,7 +62,7 @@ async def run(args: argparse.Namespace) -> None:
     from routing.model import resolve_source
 
     tok = AutoTokenizer.from_pretrained(resolve_source(args.tokenizer)[0])
-    examples = load_sources(parse_sources(args.data, None, args.limit), args.limit)
+    examples = load_sources(parse_sources(args.data, None), args.limit)
     encs = [encode(e, tok) for e in examples]
     url = args.url.rstrip("/") + "/v1/completions"
     async with httpx.AsyncClient(timeout=600) as client:

@@ -65,10 +65,10 @@ fi
 
 stage parity-$DEVICE 45 $PY bench/gpu_parity.py --device $DEVICE --dtypes float32 bfloat16 float16 --default-model "$MODEL"
 
-stage bench-bfloat16 45 $PY -c "from routing.cli import main; raise SystemExit(main(['bench', '--model', '$MODEL',
+stage bench-bfloat16 45 $PY -c "from cli.main import main; raise SystemExit(main(['bench', '--model', '$MODEL',
   '--device', '$DEVICE', '--dtype', 'bfloat16', '--batch', '1', '8', '32', '--rounds', '3', '--new-tokens', '32']))"
 
-stage bench-float32 30 $PY -c "from routing.cli import main; raise SystemExit(main(['bench', '--model', '$MODEL',
+stage bench-float32 30 $PY -c "from cli.main import main; raise SystemExit(main(['bench', '--model', '$MODEL',
   '--device', '$DEVICE', '--dtype', 'float32', '--batch', '1', '8', '--rounds', '2', '--new-tokens', '32']))"
 
 {

@@ -18,12 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from .model import BaseModel
 from .paths import routers_dir
+from .plan import DECISIONS
 from .policy import RoutingPolicy
 from .router_net import RouterConfig, Routers
 
 FORMAT_VERSION = 1
 TENSORS, META = "routers.safetensors", "router.json"
-CLASSES = ["skip", "execute", "repeat"]
+CLASSES = list(DECISIONS)
 
 
 class RouterCheckpointError(ValueError):
@@ -36,7 +37,8 @@ def base_identity(model: BaseModel) -> dict[str, Any]:
             "hidden_size": s.hidden_size, "fingerprint": model.fingerprint}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in blocks), for provenance and corruption checks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -58,7 +60,7 @@ def save_routers(directory: str | Path, routers: Routers, model: BaseModel,
         "format_version": FORMAT_VERSION,
         "router": {"window": c.window, "bottleneck": c.bottleneck, "classes": CLASSES},
         "base_model": base_identity(model),
-        "tensors_sha256": _sha256(d / TENSORS),
+        "tensors_sha256": sha256_file(d / TENSORS),
         "default": default,
         "policy": policy or {},
         "training": training or {},
@@ -129,7 +131,7 @@ def load_routers(spec: str | Path, model: BaseModel) -> Routers:
     tensors = d / TENSORS
     if not tensors.is_file():
         raise RouterCheckpointError(f"{d} is not a router checkpoint: {TENSORS} is missing")
-    if meta.get("tensors_sha256") and _sha256(tensors) != meta["tensors_sha256"]:
+    if meta.get("tensors_sha256") and sha256_file(tensors) != meta["tensors_sha256"]:
         raise RouterCheckpointError(f"{tensors} is corrupted: its sha256 does not match {META}")
     try:
         state = load_file(str(tensors))

@@ -8,7 +8,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 SKIP, EXECUTE, REPEAT = 0, 1, 2
-DECISIONS = ("skip", "execute", "repeat")
+DECISIONS = ("skip", "execute", "repeat")  # the names of the counts 0, 1, 2 (router classes, reports)
+MAX_BUDGET = 2.0  # a budget is the most executions as a fraction of L: 2 = every block repeated
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,16 @@ def _as_int(c: object) -> object:
         return c
 
 
+def budget_ok(budget: float) -> bool:
+    """The one budget rule: 0 < budget <= MAX_BUDGET."""
+    return 0 < budget <= MAX_BUDGET
+
+
 def execution_cap(budget: float, n_layers: int) -> int:
     """The most block executions a `budget` allows: max(1, floor(budget * L)), budget in (0, 2].
 
     Raises ValueError for a budget outside (0, 2] (2 = every block repeated)."""
-    if not 0 < budget <= 2:
+    if not budget_ok(budget):
         raise ValueError("budget must be in (0, 2]")
     return max(1, math.floor(budget * n_layers + 1e-9))
 

@@ -99,7 +99,7 @@ def apply_budget_static(counts: list[int], logits: list[list[float]], budget: fl
     out = list(counts)
     total = sum(out)
     while total > cap and any(c == REPEAT for c in out):
-        best = min((lg[2] - lg[1], i) for i, (c, lg) in enumerate(zip(out, logits, strict=True)) if c == REPEAT)
+        best = min((lg[REPEAT] - lg[EXECUTE], i) for i, (c, lg) in enumerate(zip(out, logits, strict=True)) if c == REPEAT)
         out[best[1]] = EXECUTE
         total -= 1
     rank = list(dict.fromkeys([*order, *range(L)]))

@@ -6,7 +6,7 @@
 #
 #   scripts/gpu_pipeline.sh RUN_DIR [ARC_DIR]
 #
-# Env: DRLLM (the drllm command; default `.venv/bin/drllm`, or `python3 -m server.cli`), SIMS (plan
+# Env: DRLLM (the drllm command; default `.venv/bin/drllm`, or `python3 -m cli`), SIMS (plan
 # evaluations per example, default 48), ROWS (executor rows per forward, default 1024), GROUP (examples
 # searched in lockstep, default 512), STAGES (default "search train calibrate eval"), VARIANTS (router
 # training variants, default "cw": effective-number class weights; "uniform": uniform ones), METHOD (the

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeVar
 
+from routing.plan import budget_ok
+
 from .errors import ModelNotFound
 from .protocol import ModelCard, SamplingRequest
 
@@ -42,7 +44,7 @@ class Profile:
             budget = float(value) if kind == "budget" else None
         except ValueError:
             budget = None
-        if budget is None or not 0 < budget <= 2:
+        if budget is None or not budget_ok(budget):
             raise ValueError(f"profile {text!r}: SPEC must be full, auto or budget:B with B in (0, 2]")
         return cls(name, "auto", budget)
 

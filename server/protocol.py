@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from routing.plan import MAX_BUDGET, LayerPlan
 from routing.sampling import SamplingParams
 
 from .errors import RequestError
@@ -83,7 +84,7 @@ class SamplingRequest(OpenAIBaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     # drllm extensions
-    budget: float | None = Field(None, gt=0, le=2)
+    budget: float | None = Field(None, gt=0, le=MAX_BUDGET)
     routing: Literal["auto", "full"] = "auto"
     plan: list[Annotated[int, Field(ge=0, le=2)]] | None = Field(
         None, min_length=1, description="per-layer counts, one per block: 0 skip, 1 execute, 2 repeat; at least one "
@@ -120,8 +121,11 @@ class SamplingRequest(OpenAIBaseModel):
     def _plan(cls, v: object) -> object:
         if not isinstance(v, list):
             return v
-        if not v or any(type(c) is not int or c not in (0, 1, 2) for c in v):
-            raise ValueError("plan must be a non-empty list of per-layer counts 0 (skip), 1 or 2 (repeat)")
+        try:
+            LayerPlan(tuple(v))  # the counts rule lives there
+        except ValueError as e:
+            raise ValueError(f"plan must be a non-empty list of per-layer counts 0 (skip), 1 or 2 (repeat): {e}") \
+                from None
         if not any(v):
             raise ValueError("plan must execute at least one block (all counts are 0)")
         return v

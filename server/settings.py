@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -59,40 +58,3 @@ class ServerSettings(BaseSettings):
         if not v.strip():
             raise ValueError("must not be empty")
         return v.strip()
-
-
-def add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    # Options left out on the command line fall back to DRLLM_* variables, then to the defaults above.
-    p = sub.add_parser("serve", help="serve OpenAI-compatible /v1/completions over routed generation",
-                       argument_default=argparse.SUPPRESS)
-    p.add_argument("--model", help="HF directory, .gguf file, hub id, or 'default' [DRLLM_MODEL]")
-    p.add_argument("--routers", help="router checkpoint dir, 'default' or 'none' [DRLLM_ROUTERS]")
-    p.add_argument("--host", help="bind address (default 127.0.0.1) [DRLLM_HOST]")
-    p.add_argument("--port", type=int, help="port (default 8000) [DRLLM_PORT]")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* [DRLLM_API_KEY]")
-    p.add_argument("--max-batch-size", type=int, help="rows decoded together (default 8) [DRLLM_MAX_BATCH_SIZE]")
-    p.add_argument("--max-queue", type=int, help="waiting sequences before 429 (default 128) [DRLLM_MAX_QUEUE]")
-    p.add_argument("--served-model-name", help="model name clients send [DRLLM_SERVED_MODEL_NAME]")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available) [DRLLM_DEVICE]")
-    p.add_argument("--dtype", help="auto, float32, bfloat16, float16 [DRLLM_DTYPE]")
-    p.add_argument("--quantization", choices=("none", "int8"),
-                   help="int8: per-channel int8 weights for the blocks and LM head, CPU only [DRLLM_QUANTIZATION]")
-    p.add_argument("--torch-threads", type=int,
-                   help="CPU threads for the model (default: all cores but one, left for HTTP; 0: torch's "
-                        "default) [DRLLM_TORCH_THREADS]")
-    p.add_argument("--profile", action="append", dest="profiles", metavar="NAME=SPEC",
-                   help="serve <model>:NAME with routing SPEC: full, auto or budget:B; repeatable; replaces the "
-                        f"defaults ({', '.join(DEFAULT_PROFILES)}) [DRLLM_PROFILES, comma-separated]")
-    p.add_argument("--log-level", help=f"{', '.join(LOG_LEVELS)} (default info) [DRLLM_LOG_LEVEL]")
-    p.set_defaults(func=_cmd_serve)
-
-
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    """Options given on the command line win over DRLLM_* variables, which win over the defaults."""
-    return ServerSettings(**{k: v for k, v in vars(args).items() if k in ServerSettings.model_fields})
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from .app import serve
-
-    return serve(settings_from_args(args))

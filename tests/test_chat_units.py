@@ -148,11 +148,12 @@ def test_profile_fills_in_only_for_requests_that_do_not_route_themselves() -> No
 
 
 def test_profile_settings(monkeypatch) -> None:
-    from routing.cli import build_parser
-    from server.settings import ServerSettings, add_serve_parser, settings_from_args
+    from cli.main import build_parser
+    from cli.serve import settings_from_args
+    from server.settings import ServerSettings
 
     def args(*argv: str):
-        return build_parser(extra=add_serve_parser).parse_args(["serve", *argv])
+        return build_parser().parse_args(["serve", *argv])
 
     monkeypatch.delenv("DRLLM_PROFILES", raising=False)
     assert settings_from_args(args()).profiles == ["full=full", "eco=budget:0.8"]

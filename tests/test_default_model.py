@@ -64,7 +64,7 @@ def test_cli_generate_json_and_no_cache_agree() -> None:
     plan = ",".join(["1"] * 8 + ["2", "0"] * 7 + ["1"] * 8)
     outs = []
     for extra in ([], ["--no-cache"]):
-        cmd = [sys.executable, "-m", "server.cli", "generate", "--prompt", "The sky is", "--plan", plan,
+        cmd = [sys.executable, "-m", "cli", "generate", "--prompt", "The sky is", "--plan", plan,
                "--max-tokens", "8", "--json", *extra]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
@@ -78,7 +78,7 @@ def test_cli_generate_json_and_no_cache_agree() -> None:
 
 
 def test_cli_rejects_a_bad_plan() -> None:
-    done = subprocess.run([sys.executable, "-m", "server.cli", "generate", "--prompt", "x", "--plan", "1,1"],
+    done = subprocess.run([sys.executable, "-m", "cli", "generate", "--prompt", "x", "--plan", "1,1"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "30 layers" in done.stderr
 
@@ -94,7 +94,7 @@ def test_cli_generate_with_routers_and_budget(model, tmp_path) -> None:
             r.fc2.weight.zero_()
             r.fc2.bias.copy_(torch.tensor([0.0, 0.0, 3.0]))  # the routers want every block twice
     ck = save_routers(tmp_path / "ck", routers, model)
-    cmd = [sys.executable, "-m", "server.cli", "generate", "--prompt", "Hello", "--routers", str(ck),
+    cmd = [sys.executable, "-m", "cli", "generate", "--prompt", "Hello", "--routers", str(ck),
            "--max-tokens", "3", "--json"]
     runs = {}
     for budget in (None, "0.5", "full"):
@@ -110,6 +110,6 @@ def test_cli_generate_with_routers_and_budget(model, tmp_path) -> None:
 
 def test_cli_default_routers_missing_is_a_clear_error(tmp_path) -> None:
     env = {**os.environ, "DRLLM_ROUTERS_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "server.cli", "generate", "--prompt", "x", "--routers", "default"],
+    done = subprocess.run([sys.executable, "-m", "cli", "generate", "--prompt", "x", "--routers", "default"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 2 and "no router checkpoint is shipped" in done.stderr

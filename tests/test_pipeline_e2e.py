@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from toytok import toy_model
 
+from cli.main import build_parser
 from routing.checkpoint import update_meta
-from routing.cli import build_parser
 from routing.offline.evaluate import Evaluator, calibrate, evaluate, random_plan, static_plan, write_report
 from routing.offline.plan_scoring import PlanScorer
 from routing.offline.search import SearchConfig, search_many
@@ -89,10 +89,8 @@ def test_every_command_help_renders() -> None:
     """argparse %-formats help strings: a bare '%' in one crashed `drllm --help` (regression)."""
     import argparse
 
-    from server.cli import _add_serve
-
-    p = build_parser(_add_serve)
-    assert "calibrate" in p.format_help()
+    p = build_parser()
+    assert "calibrate" in p.format_help() and "serve" in p.format_help()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
     for name, cmd in sub.choices.items():
         assert cmd.format_help(), name

@@ -7,17 +7,18 @@ import logging
 import pytest
 from pydantic import ValidationError
 
-from routing.cli import build_parser
+from cli.main import build_parser
+from cli.serve import settings_from_args
 from routing.planner import FixedPlanner
 from server.engine import make_planner
 from server.errors import EngineFailure, EngineNotReady, ModelNotFound, QueueFull, RequestError, Unauthorized
 from server.protocol import CompletionRequest
 from server.serving import create_error_response
-from server.settings import ServerSettings, add_serve_parser, settings_from_args
+from server.settings import ServerSettings
 
 
 def _serve_args(*argv: str):
-    return build_parser(extra=add_serve_parser).parse_args(["serve", *argv])
+    return build_parser().parse_args(["serve", *argv])
 
 
 def test_settings_cli_beats_env_beats_default(monkeypatch) -> None:

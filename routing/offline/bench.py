@@ -190,19 +190,3 @@ def run(args: argparse.Namespace) -> int:
           f"{100 * inside / plain:.2f}% of a {plain * 1e3:.1f} ms prefill (end-to-end routed/plain prefill "
           f"{routed / plain:.3f})")
     return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_model_args
-
-    p = sub.add_parser("bench", help="benchmark the executor against transformers and routed plans")
-    add_model_args(p)
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall time, or process CPU time (use with --threads 1 on a busy machine)")
-    p.add_argument("--llamacpp-tps", type=float, default=0.0,
-                   help="llama.cpp's batch-1 decode tokens/s measured on this machine, to print the ratio")
-    p.set_defaults(func=run)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..model import BaseModel
 from .greedy import greedy_answers
+from .records import read_jsonl
 from .tasks import load_task
 from .tasks.base import TASK_KINDS, Example
 from .tasks.fidelity import EVERYDAY, ChatPrompt, chat_prompts, from_examples, load_prompt_file
@@ -57,10 +58,7 @@ def fidelity_items(model: BaseModel, prompts: list[ChatPrompt], answers_file: Pa
     L = model.spec.n_layers
     cache: dict[str, dict] = {}
     if answers_file is not None and answers_file.exists():
-        for line in answers_file.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                cache[r["id"]] = r
+        cache = {r["id"]: r for r in read_jsonl(answers_file)}
     rendered = {p.id: render_chat(model.tokenizer, p.text, p.system) for p in prompts}
     todo = [p for p in prompts if p.id not in cache or cache[p.id]["prompt"] != rendered[p.id]]
     step = max(batch * 8, 1)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..executor import RoutedExecutor
 from ..model import BaseModel
+from ..plan import DECISIONS
 from ..router_net import RouterConfig, Routers, window_pool
 
 
@@ -103,7 +104,7 @@ def _loss(routers: Routers, f: Features, idx: torch.Tensor, weight: torch.Tensor
 def class_metrics(preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     out: dict[str, float] = {"accuracy": float((preds == labels).float().mean()) if labels.numel() else 0.0}
     recalls = []
-    for c, name in enumerate(("skip", "execute", "repeat")):
+    for c, name in enumerate(DECISIONS):
         m = labels == c
         if m.any():
             r = float((preds[m] == c).float().mean())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,3 +66,37 @@ def load_task(kind: str, path: str | Path | None = None, limit: int | None = Non
     else:
         raise ValueError(f"unknown task kind {kind!r}; one of {', '.join(TASK_KINDS)}")
     return ex[:limit] if limit else ex
+
+
+def stable_hash(text: str) -> int:
+    """The sha256 of `text` (UTF-8) as an int: the same on every run and machine, unlike hash(). Splits
+    and per-example seeds are derived from it."""
+    return int(hashlib.sha256(text.encode()).hexdigest(), 16)
+
+
+def example_seed(seed: int, task: str, eid: str) -> int:
+    """A 32-bit seed for one example's search, fixed by (seed, task, id)."""
+    return stable_hash(f"{seed}/{task}/{eid}") >> 224
+
+
+def parse_sources(specs: list[str], default_kind: str | None) -> list[tuple[str, str]]:
+    """'arc:PATH', 'math:levels=1-5,n=20', or a bare PATH with default_kind -> [(kind, path)]. Raises
+    ValueError for a bare PATH without default_kind."""
+    out = []
+    for s in specs:
+        kind, sep, rest = s.partition(":")
+        if sep and kind in TASK_KINDS:
+            out.append((kind, rest))
+        elif default_kind:
+            out.append((default_kind, s))
+        else:
+            raise ValueError(f"--data {s!r}: write KIND:PATH (KIND one of {', '.join(TASK_KINDS)}) or pass --task")
+    return out
+
+
+def load_sources(sources: list[tuple[str, str]], limit: int | None) -> list[Example]:
+    """The examples of every (kind, path) source, at most `limit` of each."""
+    ex: list[Example] = []
+    for kind, path in sources:
+        ex += load_task(kind, path or None, limit=limit)
+    return ex

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import Example
+from .base import Example, stable_hash
 
 EVERYDAY: tuple[str, ...] = (
     "What is the capital of France?",
@@ -125,14 +125,14 @@ SPLITS = ("train", "calib", "heldout")
 
 def split_of(text: str) -> str:
     """train (60 %), calib (15 %) or heldout (25 %), fixed by sha256 of the text."""
-    h = int(hashlib.sha256(text.encode()).hexdigest(), 16) % 20
+    h = stable_hash(text) % 20
     return "train" if h < 12 else "calib" if h < 15 else "heldout"
 
 
 def task_split(question: str) -> str:
     """Examples of training files: 'calib' (15 %) or 'train' (85 %), fixed by sha256 of the question.
     Dev files are evaluated whole."""
-    return "calib" if int(hashlib.sha256(question.encode()).hexdigest(), 16) % 20 < 3 else "train"
+    return "calib" if stable_hash(question) % 20 < 3 else "train"
 
 
 @dataclass(frozen=True)

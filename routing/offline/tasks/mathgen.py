@@ -7,10 +7,9 @@ every (seed, split, level, n) gives the same list."""
 
 from __future__ import annotations
 
-import hashlib
 import random
 
-from .base import Example
+from .base import Example, stable_hash
 
 NAMES = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana")
 ITEMS = ("apples", "books", "coins", "pens", "shells", "stamps", "cards", "marbles")
@@ -44,7 +43,7 @@ def _problem(level: int, rng: random.Random) -> tuple[str, int]:
 
 
 def _split_of(question: str) -> str:
-    return "heldout" if int(hashlib.sha256(question.encode()).hexdigest(), 16) % 10 == 0 else "train"
+    return "heldout" if stable_hash(question) % 10 == 0 else "train"
 
 
 def make_math(levels: tuple[int, ...] = (1, 2, 3, 4, 5), n_per_level: int = 100, split: str = "train",

@@ -1,28 +1,16 @@
-"""`drllm` subcommands that need only the model side (generate, search, train, eval, bench, ...).
-
-`server.cli` adds `serve` and is the console entry point; this module never imports the server.
-"""
+"""`drllm fetch-default` and `drllm generate`: one prompt through the executor along a plan or the routers."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Callable
 
-Command = Callable[[argparse.Namespace], int]
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="HF directory, .gguf file, hub id, or 'default'")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32 (CPU default), bfloat16 (CUDA default), float16")
-    p.add_argument("--quantization", default="none", choices=("none", "int8"),
-                   help="int8: per-channel int8 weights for the blocks and LM head (CPU only)")
+from .common import add_model_args
 
 
 def _cmd_fetch_default(args: argparse.Namespace) -> int:
-    from .model import resolve_source
+    from routing.model import resolve_source
 
     path, _ = resolve_source("default")
     print(path)
@@ -30,17 +18,17 @@ def _cmd_fetch_default(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import BatchGenerator, GenerationRequest
-    from .model import load_model
-    from .plan import LayerPlan, plan_summary
-    from .sampling import SamplingParams
+    from routing.generation import BatchGenerator, GenerationRequest
+    from routing.model import load_model
+    from routing.plan import LayerPlan, plan_summary
+    from routing.sampling import SamplingParams
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
     L = model.spec.n_layers
     plan = LayerPlan.parse(args.plan, L) if args.plan else None
     planner = None
     if plan is None and args.routers not in (None, "none") and args.budget != "full":
-        from .routers import RouterPlanner, load_routers
+        from routing.routers import RouterPlanner, load_routers
 
         planner = RouterPlanner(load_routers(args.routers, model))
     budget = None if args.budget in (None, "full") else float(args.budget)
@@ -80,10 +68,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(extra: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="drllm", description="Dr.LLM dynamic layer routing: serve and train")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fetch-default", help="download and convert the default base model (once)")
     p.set_defaults(func=_cmd_fetch_default)
 
@@ -103,36 +88,3 @@ def build_parser(extra: Callable[[argparse._SubParsersAction], None] | None = No
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_generate)
-
-    from .offline.bench import register as register_bench
-
-    register_bench(sub)
-    for register in _registered:
-        register(sub)
-    if extra is not None:
-        extra(sub)
-    return parser
-
-
-_registered: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
-def main(argv: list[str] | None = None,
-         extra: Callable[[argparse._SubParsersAction], None] | None = None) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser(extra).parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"drllm: error: {e}", file=sys.stderr)
-        return 2
-
-from .offline.pipeline_cli import register as _register_pipeline  # noqa: E402
-
-_registered.append(_register_pipeline)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,42 +8,17 @@ import random
 import sys
 from pathlib import Path
 
+from routing.checkpoint import sha256_file
+from routing.offline.records import read_jsonl, read_records, record_key
+from routing.offline.tasks import example_seed, load_sources, parse_sources
 
-def parse_sources(specs: list[str], default_kind: str | None, limit: int | None) -> list[tuple[str, str]]:
-    """'arc:PATH', 'math:levels=1-5,n=20', or a bare PATH with --task KIND -> [(kind, path)]."""
-    from .tasks.base import TASK_KINDS
-
-    out = []
-    for s in specs:
-        kind, sep, rest = s.partition(":")
-        if sep and kind in TASK_KINDS:
-            out.append((kind, rest))
-        elif default_kind:
-            out.append((default_kind, s))
-        else:
-            raise ValueError(f"--data {s!r}: write KIND:PATH (KIND one of {', '.join(TASK_KINDS)}) or pass --task")
-    return out
-
-
-def load_sources(sources: list[tuple[str, str]], limit: int | None):  # -> list[Example]
-    from .tasks import load_task
-
-    ex = []
-    for kind, path in sources:
-        ex += load_task(kind, path or None, limit=limit)
-    return ex
-
-
-def example_seed(seed: int, task: str, eid: str) -> int:
-    import hashlib
-
-    return int(hashlib.sha256(f"{seed}/{task}/{eid}".encode()).hexdigest()[:8], 16)
+from .common import add_model_args
 
 
 def _setup(args: argparse.Namespace):  # -> BaseModel
     import torch
 
-    from ..model import load_model
+    from routing.model import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,10 +32,10 @@ def _setup(args: argparse.Namespace):  # -> BaseModel
 
 def _items_for(args: argparse.Namespace, model, split: str | None):  # -> list[Item]
     """Task items of --data and fidelity items of --fidelity (chat prompts of `split`)."""
-    from .supervision import fidelity_items, fidelity_prompts, task_items
-    from .tasks.fidelity import task_split
+    from routing.offline.supervision import fidelity_items, fidelity_prompts, task_items
+    from routing.offline.tasks.fidelity import task_split
 
-    examples = load_sources(parse_sources(args.data or [], args.task, args.limit), args.limit)
+    examples = load_sources(parse_sources(args.data or [], args.task), args.limit)
     if split in ("train", "calib"):  # training files: 85 % search/train, 15 % calibration
         examples = [e for e in examples if task_split(e.question) == split]
     items = task_items(examples, model.tokenizer, args.prompt_format, args.scoring)
@@ -72,7 +47,7 @@ def _items_for(args: argparse.Namespace, model, split: str | None):  # -> list[I
 
 
 def _criteria(args: argparse.Namespace):  # -> Criteria
-    from .tasks.scoring import Criteria
+    from routing.offline.tasks.scoring import Criteria
 
     return Criteria(norm=args.norm, fidelity_margin=args.fidelity_margin, fidelity_agree=args.fidelity_agree)
 
@@ -99,9 +74,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from .plan_scoring import PlanScorer
-    from .search import SearchConfig, search_many
-    from .tasks.scoring import stop_ids
+    from routing.offline.plan_scoring import PlanScorer
+    from routing.offline.search import SearchConfig, search_many
+    from routing.offline.tasks.scoring import stop_ids
 
     i, n = (int(x) for x in args.shard.split("/"))
     if not 0 <= i < n:
@@ -118,18 +93,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
     random.Random(args.seed).shuffle(items)  # interleave sources: a partial run covers all of them
     items = items[i::n]
     if args.ids_from:
-        keep = [(r["task"], r["id"]) for r in map(json.loads, Path(args.ids_from).read_text().splitlines()) if r]
+        keep = [record_key(r) for r in read_jsonl(args.ids_from)]
         by_key = {(it.task, it.id): it for it in items}
         items = [by_key[k] for k in keep if k in by_key]
     if args.max_examples:
         items = items[:args.max_examples]
-    done = set()
-    for prev in [out, *map(Path, args.done or [])]:
-        if prev.exists():
-            for line in prev.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    done.add((r["task"], r["id"]))
+    done = set(read_records(p for p in [out, *map(Path, args.done or [])] if p.exists()))
     todo = [it for it in items if (it.task, it.id) not in done]
     cfg = SearchConfig(simulations=args.simulations, c_explore=args.c_explore, length_penalty=args.length_penalty,
                        soft_weight=args.soft_weight, widen=args.widen, rollout=args.rollout, batch=args.batch,
@@ -171,37 +140,20 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _provenance(paths: list[str]) -> list[dict[str, str]]:
     out = []
     for p in paths:
         path = Path(p)
-        out.append({"path": p, "sha256": _sha256(path)} if path.is_file() else {"source": p})
+        out.append({"path": p, "sha256": sha256_file(path)} if path.is_file() else {"source": p})
     return out
-
-
-def read_records(paths: list[str]) -> dict[tuple[str, str], dict]:
-    """Search JSONL files (shards merge; a later record of the same example wins)."""
-    records: dict[tuple[str, str], dict] = {}
-    for path in paths:
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                records[(r["task"], r["id"])] = r
-    return records
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from ..router_net import RouterConfig
-    from ..routers import save_routers
-    from .train import TrainConfig, precompute, train_routers
+    from routing.offline.train import TrainConfig, precompute, train_routers
+    from routing.router_net import RouterConfig
+    from routing.routers import save_routers
 
     records = read_records(args.search)
     keys = sorted(records)
@@ -236,9 +188,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ..policy import RoutingPolicy
-    from ..routers import load_routers
-    from .evaluate import Evaluator, evaluate, write_report
+    from routing.offline.evaluate import Evaluator, evaluate, write_report
+    from routing.policy import RoutingPolicy
+    from routing.routers import load_routers
 
     budgets = [None if b in ("none", "auto") else float(b) for b in (args.budget or ["none"])]
     model = _setup(args)
@@ -256,16 +208,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                           "budgets": [{k: v for k, v in b.items() if k != "decision_shares"} for b in r["budgets"]]}))
     meta = {"model": model.name, "routers": args.routers, "policy": policy.to_dict(), "split": args.split,
             "scoring": args.scoring, "norm": args.norm, "argv": sys.argv[1:],
-            "data": _provenance([p for _, p in parse_sources(args.data or [], args.task, None)]),
+            "data": _provenance([p for _, p in parse_sources(args.data or [], args.task)]),
             "fidelity": args.fidelity}
     write_report(Path(args.out), results, meta)
     return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..checkpoint import update_meta
-    from ..routers import load_routers
-    from .evaluate import Evaluator, calibrate, search_order
+    from routing.checkpoint import update_meta
+    from routing.offline.evaluate import Evaluator, calibrate, search_order
+    from routing.routers import load_routers
 
     model = _setup(args)
     routers = load_routers(args.routers, model)
@@ -288,22 +240,22 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_search_summary(args: argparse.Namespace) -> int:
-    from .search import summarize
+    from routing.offline.search import summarize
 
     runs: dict[str, list[dict]] = {}
     for p in args.files:
-        for r in (json.loads(x) for x in Path(p).read_text().splitlines() if x.strip()):
+        for r in read_jsonl(p):
             reuse = "" if r.get("config", {}).get("reuse", True) else " (no reuse)"
             runs.setdefault(f"{p} {r.get('method', '?')}{reuse}", []).append(r)
-    common = set.intersection(*({(r["task"], r["id"]) for r in rs} for rs in runs.values()))
-    rows = [summarize([r for r in rs if (r["task"], r["id"]) in common], args.layers) | {"file": p}
+    common = set.intersection(*({record_key(r) for r in rs} for rs in runs.values()))
+    rows = [summarize([r for r in rs if record_key(r) in common], args.layers) | {"file": p}
             for p, rs in runs.items()]
     print(json.dumps(rows, indent=2))
     return 0
 
 
 def _cmd_report_merge(args: argparse.Namespace) -> int:
-    from .evaluate import write_report
+    from routing.offline.evaluate import write_report
 
     tasks, metas = [], []
     for d in args.reports:
@@ -336,7 +288,6 @@ def add_item_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_model_args  # routing.cli registers this module's commands: import it late
     p = sub.add_parser("report-merge", help="merge eval report directories (e.g. of parallel runs) into one")
     p.add_argument("reports", nargs="+")
     p.add_argument("--out", required=True)

@@ -1,0 +1,5 @@
+"""`python -m cli ...` is `drllm ...`."""
+
+from .main import main
+
+raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""`drllm bench`: the executor against transformers and routed plans (`routing.offline.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_model_args
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from routing.offline.bench import run
+
+    return run(args)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark the executor against transformers and routed plans")
+    add_model_args(p)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or process CPU time (use with --threads 1 on a busy machine)")
+    p.add_argument("--llamacpp-tps", type=float, default=0.0,
+                   help="llama.cpp's batch-1 decode tokens/s measured on this machine, to print the ratio")
+    p.set_defaults(func=_cmd_bench)
