@@ -94,3 +94,20 @@ def test_every_command_help_renders() -> None:
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
     for name, cmd in sub.choices.items():
         assert cmd.format_help(), name
+
+
+def test_evaluator_memoizes_scores_per_example_and_plan() -> None:
+    model = toy_model(seed=2)
+    L = model.spec.n_layers
+    items = task_items([Example(str(i), "toy-mc", f"Which {i}?", ("a", "b", "c"), "0") for i in range(3)],
+                       model.tokenizer)
+    ev = Evaluator(model, rows=16, batch=4)
+    skip = (0,) + (1,) * (L - 1)
+    first = ev.scores(items, [ev.full, skip, ev.full])
+    n = ev.scorer.evals
+    assert n == 3  # distinct (example, plan) pairs only
+    again = ev.scores(items, [ev.full, skip, skip])
+    assert ev.scorer.evals == n + 1  # only (item 2, skip) is new
+    assert again[:2] == first[:2]
+    fresh = PlanScorer(model, max_rows=16).score([(items[2].enc, skip)])[0]
+    assert again[2].cont_logprob == pytest.approx(fresh.cont_logprob, abs=1e-5)

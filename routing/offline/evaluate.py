@@ -32,6 +32,7 @@ from .greedy import greedy_answers
 from .plan_scoring import PlanScorer
 from .supervision import Item
 from .tasks.scoring import (
+    Encoded,
     PlanScore,
     choice_scores,
     encode_fidelity,
@@ -104,9 +105,18 @@ class Evaluator:
         self.scorer = PlanScorer(model, max_rows=rows, stops=stop_ids(model.tokenizer, model.eos_token_ids),
                                  capacity=512)
         self._executor: RoutedExecutor | None = None
+        self._memo: dict[tuple[Encoded, Plan], PlanScore] = {}
+        self._fid_memo: dict[tuple[Encoded, Plan], float] = {}  # fidelity difference per (example, plan)
 
     def scores(self, items: Sequence[Item], plans: Sequence[Plan]) -> list[PlanScore]:
-        return self.scorer.score([(it.enc, p) for it, p in zip(items, plans, strict=True)])
+        """One `PlanScore` per (item, plan). Scores are memoized per (encoded example, plan): arms and
+        guard thresholds that choose the same plan for an example (the full plan, a budget that does not
+        bind) cost one evaluation."""
+        todo = list(dict.fromkeys((it.enc, p) for it, p in zip(items, plans, strict=True)
+                                  if (it.enc, p) not in self._memo))
+        for key, sc in zip(todo, self.scorer.score(todo), strict=True):
+            self._memo[key] = sc
+        return [self._memo[(it.enc, p)] for it, p in zip(items, plans, strict=True)]
 
     @torch.inference_mode()
     def route(self, routers: Routers, policy: RoutingPolicy, items: Sequence[Item],
@@ -130,9 +140,18 @@ class Evaluator:
         """Per fidelity item: (full model's mean log-probability per token of the greedy answer along the
         plan) - (the same of the full-depth answer), nats. An empty routed answer counts as -inf."""
         out = [0.0] * len(items)
-        todo = [i for i, p in enumerate(plans) if p != self.full]
-        if not todo:
-            return out
+        memo = self._fid_memo
+        want = [i for i, p in enumerate(plans) if p != self.full]
+        todo = list({(items[i].enc, plans[i]): i for i in want if (items[i].enc, plans[i]) not in memo}.values())
+        if todo:
+            for i, d in zip(todo, self._fidelity_of(items, plans, todo), strict=True):
+                memo[(items[i].enc, plans[i])] = d
+        for i in want:
+            out[i] = memo[(items[i].enc, plans[i])]
+        return out
+
+    def _fidelity_of(self, items: Sequence[Item], plans: Sequence[Plan], todo: list[int]) -> list[float]:
+        out = {i: 0.0 for i in todo}
         answers = greedy_answers(self.model, [items[i].enc.ids for i in todo], [plans[i] for i in todo],
                                  self.max_new_tokens, self.batch)
         scorable = [(i, a) for i, a in zip(todo, answers, strict=True) if a]
@@ -144,7 +163,7 @@ class Evaluator:
         base = self.scorer.score([(items[i].enc, self.full) for i, _ in scorable])
         for (i, _), e, s, f in zip(scorable, encs, got, base, strict=True):
             out[i] = mean_logprob(e, s) - mean_logprob(items[i].enc, f)
-        return out
+        return [out[i] for i in todo]
 
     def importance(self, items: Sequence[Item], norm: bool = False, progress: bool = False) -> list[float]:
         """Per block: how much its single removal hurts on `items` (mean drop of the gold choice's
