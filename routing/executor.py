@@ -181,7 +181,8 @@ class RoutedExecutor:
             row_ref = rows.to(dev, torch.long)
         pos = start[:, None] + torch.arange(n, device=dev)  # [b, n]
         key_len = int((start_cpu + n).max())
-        self.cache.reserve(key_len)
+        first = 0 if resume is None else resume[0]
+        self.cache.reserve(key_len, range(first, L if stop is None else stop))
         # rows at one common position need no explicit mask: a causal prefill from 0, or one new token each
         same_start = bool((start_cpu == start_cpu[0]).all())
         span = slice(int(start_cpu[0]), int(start_cpu[0]) + n) if same_start else None
@@ -190,11 +191,10 @@ class RoutedExecutor:
         if self.attn_impl == "eager" or not (same_start and (causal or n == 1)):
             mask = (torch.arange(key_len, device=dev)[None, None, :] <= pos[:, :, None]).unsqueeze(1)
             causal = False
-        first = 0
         if resume is None:
             h = self.model.embed(tokens.to(dev))
         else:
-            first, h = resume
+            h = resume[1]
         cos, sin = self.model.rotary(h, pos)  # [b, n, D]
         half = cos.shape[-1] // 2
         rope = (cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), -1).unsqueeze(2))
