@@ -21,10 +21,6 @@ from collections.abc import Iterable
 import torch
 
 
-def slot_of(layer: int, repeat: int) -> int:
-    return 2 * layer + repeat
-
-
 class SlotKVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_batch: int, dtype: torch.dtype,
                  device: torch.device, capacity: int = 128) -> None:
@@ -116,6 +112,3 @@ class SlotKVCache:
     def clear(self) -> None:
         self.primary = [None] * self.n_layers
         self.repeats.clear()
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors())
