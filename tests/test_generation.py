@@ -215,7 +215,7 @@ def test_chunked_prefill_equals_one_prefill(arch: str, device: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_running_streams_keep_their_pace_during_a_chunked_prefill(device: str) -> None:
     model = tiny_model("qwen2", device=device)
-    short = GenerationRequest([1, 2, 3], greedy(30))
+    short = GenerationRequest([1, 2, 3], greedy(80))  # outlasts the prefill even at one chunk per step (49)
     long = GenerationRequest([(5 * i) % 96 for i in range(40)], greedy(4))
     gen = chunked(model)
     s = gen.submit(short)
