@@ -4,7 +4,8 @@
                per-token host work after the forward) at batch 8, top_p 0.9, 256 new tokens; target <= 5 %.
   long-prompt  a running stream's inter-token gaps while a long prompt (6,000 tokens) is admitted, with the
                layer-major chunked prefill and without it (one prefill); target: worst gap <= 3x the normal
-               (median) gap.
+               (median) gap. `--clock cpu` measures the gaps in process CPU time instead of wall time (with
+               `--threads 1` on a machine shared with other jobs: their load then does not count).
 
     .venv/bin/python -m bench.engine_bench sampling
     .venv/bin/python -m bench.engine_bench long-prompt --prompt-tokens 6000
@@ -19,7 +20,7 @@ import time
 import torch
 
 from routing import sampling
-from routing.generation import BatchGenerator, GenerationRequest
+from routing.generation import SLICE_RATIO, BatchGenerator, GenerationRequest
 from routing.model import load_model
 from routing.sampling import SamplingParams
 
@@ -77,12 +78,16 @@ def bench_long_prompt(args: argparse.Namespace) -> None:
     text = " ".join(f"Item {i} is a plain sentence about number {i}." for i in range(args.prompt_tokens))
     long_ids = tok(text)["input_ids"][: args.prompt_tokens]  # type: ignore[operator]
     short_ids = tok("Count slowly from one to one hundred:")["input_ids"]  # type: ignore[operator]
-    print(f"torch threads {torch.get_num_threads()}, device {model.device}, long prompt {len(long_ids)} tokens")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"torch threads {torch.get_num_threads()}, device {model.device}, long prompt {len(long_ids)} tokens, "
+          f"{args.clock} clock")
     print("| prefill | normal gap ms (median) | gaps while admitting: median / p90 / worst ms | worst / normal | "
           "long prompt TTFT s |")
     print("|---|---|---|---|---|")
-    configs = [(f"chunked, {c} tokens/step", {"chunk_tokens": c, "long_prompt": 4 * c}) for c in args.chunk_tokens]
-    for name, kw in [*configs, ("one prefill", {})]:
+    configs = [(f"chunked, {c} tokens/step, slice {r}x decode",
+                {"chunk_tokens": c, "long_prompt": 4 * c, "slice_ratio": r})
+               for c in args.chunk_tokens for r in args.slice_ratio]
+    for name, kw in [*configs, *([("one prefill", {})] if not args.no_baseline else [])]:
         gen = BatchGenerator(model, max_batch=2, **kw)  # type: ignore[arg-type]
         s = gen.submit(GenerationRequest(short_ids, SamplingParams(max_tokens=100000 // 16, temperature=0,
                                                                    ignore_eos=True)))
@@ -90,14 +95,14 @@ def bench_long_prompt(args: argparse.Namespace) -> None:
         stamps: list[float] = []
         for _ in range(args.warm_steps):  # the normal pace
             gen.step()
-            stamps.append(time.perf_counter())
+            stamps.append(clock())
         normal = statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
-        t_submit = time.perf_counter()
+        t_submit = clock()
         t = gen.submit(GenerationRequest(long_ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)))
         gaps, last, ttft = [], stamps[-1], 0.0
         while True:  # until the stream's first token after the long prompt's first token
             outs = gen.step()
-            now = time.perf_counter()
+            now = clock()
             if not ttft and t.generated:
                 ttft = now - t_submit
                 continue
@@ -126,6 +131,11 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=6000)
     p.add_argument("--warm-steps", type=int, default=12)
     p.add_argument("--chunk-tokens", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--slice-ratio", type=float, nargs="+", default=[SLICE_RATIO],
+                   help="chunked prefill: seconds per slice as a multiple of the decode step (generator default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="gaps in wall time, or in process CPU time (use with --threads 1 on a busy machine)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the one-prefill run")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,10 +6,21 @@ A token-major chunking (vLLM's: all layers for tokens 0..c, then for c..2c) woul
 before the prompt's end is seen. So the prompt is run **layer by layer**: block l runs over the whole
 prompt in token chunks of `chunk_tokens` (each chunk at its offset, attending to the keys of the chunks
 before it, which is exactly causal attention), and only then is router l+1 asked, with the complete hidden
-state. Each engine step spends at most `budget` token-block units (tokens x block executions) on the
-prompt, and at most `time_budget()` seconds (the generator asks for 1.5x its recent decode step while
-rows are running), so a 6,000-token prompt costs every running stream a bounded delay per step instead of
-one long stall. The result (logits, KV cache, plan) equals an unchunked prefill.
+state. The result (logits, KV cache, plan) equals an unchunked prefill.
+
+Pacing. Each engine step (a *slice*) spends at most `budget` cost units and at most `time_budget()`
+seconds on the prompt (the generator asks for about one recent decode step while rows are running), so a
+6,000-token prompt costs every running stream a bounded delay per step instead of one long stall. A
+chunk's cost is estimated, not assumed constant: one unit is one token through one block's matmuls, and
+attention adds `keys / keys_per_unit` per token (keys_per_unit = the keys whose attention costs as much as
+a token's matmuls, from the model's shapes), so a chunk near the end of a long prompt counts for more
+than one at its start. Seconds per unit are measured as the chunks run, and a slice pauses *before* a
+chunk that would overrun its time (never after), so a slice stays within its budget plus nothing. The
+steps that are not chunks are kept small too: block l's KV slots grow when the prefill reaches block l
+(`SlotKVCache.reserve(length, layers)`: 1/L of the growth per step, not all of it at once, and to the
+sequence's final length, so its first decode step does not grow them again), the prompt's logits for
+prompt logprobs are computed in chunks, and the prefill pauses once more before it returns, so the step
+that admits the row (moving its cache row, sampling its first token) carries no chunk work.
 
 How the planner meets this without knowing it: `LayerMajorExecutor` stands in for the `RoutedExecutor`
 the planner drives. Its `forward` runs the planner's `decide` callback (or fixed plan) layer by layer as
@@ -93,19 +104,52 @@ class LayerMajorExecutor:
     """A `RoutedExecutor` stand-in for one long prefill: same `forward` contract, run layer by layer in token
     chunks with a `pause()` after every `budget` token-block units. Rows must share a start (a prefill)."""
 
-    def __init__(self, inner: RoutedExecutor, pause: Callable[[], None], chunk_tokens: int, budget: int,
-                 time_budget: Callable[[], float | None] = lambda: None) -> None:
-        """budget: token-block units per slice; time_budget() -> seconds per slice (None: no limit), read at
-        each chunk, e.g. a multiple of the running rows' decode step so their inter-token gap stays bounded."""
+    def __init__(self, inner: RoutedExecutor, pause: Callable[[], None], chunk_tokens: int, budget: float,
+                 time_budget: Callable[[], float | None] = lambda: None, reserve: int = 0) -> None:
+        """budget: cost units per slice (see `cost`); time_budget() -> seconds per slice (None: no limit),
+        read before each chunk, e.g. the running rows' decode step so their inter-token gap stays bounded;
+        reserve: KV positions to make room for in each block's slots (the sequence's final length; at least
+        the prompt's)."""
         self.inner = inner
         self.model = inner.model
         self.cache = inner.cache
         self._pause = pause
         self.chunk_tokens = max(1, chunk_tokens)
-        self.budget = max(1, budget)
+        self.budget = max(1.0, budget)
         self._time_budget = time_budget
-        self._spent = 0
+        self.reserve = reserve
+        spec = inner.spec
+        ffn = getattr(getattr(inner.model.hf, "config", None), "intermediate_size", None) or 4 * spec.hidden_size
+        d, hd = spec.hidden_size, spec.n_heads * spec.head_dim
+        per_token = d * (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + hd * d + 3 * d * ffn  # MACs
+        self.keys_per_unit = per_token / (2 * hd)  # QK^T and PV: 2 * H * D MACs per attended key
+        self.head_units = spec.vocab_size * d / per_token  # the LM head over one token, in units
+        self._spent = 0.0
         self._t0 = time.perf_counter()
+        self._rate: float | None = None  # measured seconds per unit (moving average)
+
+    def cost(self, rows: int, tokens: int, keys: float) -> float:
+        """Estimated cost of one block execution over `tokens` new tokens of `rows` rows that attend to
+        `keys` keys on average, in units (one unit: one token through one block's matmuls)."""
+        return rows * tokens * (1.0 + keys / self.keys_per_unit)
+
+    def _spend(self, units: float) -> None:
+        """Before work of `units`: pause first when it would overrun this slice's unit or time budget (the
+        time predicted at the measured rate); a slice always gets at least one piece of work."""
+        if self._spent:
+            limit = self._time_budget()
+            late = limit is not None and self._rate is not None and \
+                time.perf_counter() - self._t0 + self._rate * units > limit
+            if late or self._spent + units > self.budget:
+                self._pause()
+                self._spent = 0.0
+        if not self._spent:
+            self._t0 = time.perf_counter()
+        self._spent += units
+
+    def _measured(self, units: float, seconds: float) -> None:
+        rate = seconds / max(units, 1e-9)
+        self._rate = rate if self._rate is None else 0.7 * self._rate + 0.3 * rate
 
     @property
     def n_layers(self) -> int:
@@ -136,7 +180,6 @@ class LayerMajorExecutor:
         counts = torch.ones(b, L, dtype=torch.long) if plans is None else plans.cpu().long().clone()
         lengths_cpu = torch.full((b,), n, dtype=torch.long) if lengths is None else lengths.cpu().long()
         s0 = int(start.reshape(-1)[0])
-        self.cache.reserve(s0 + n)
         first, h = resume if resume is not None else (0, self.model.embed(tokens.to(self.model.device)))
         entering: list[torch.Tensor] | None = [] if capture else None
         for layer in range(first, L):
@@ -147,18 +190,32 @@ class LayerMajorExecutor:
             runs = int(counts[:, layer].max())
             if runs == 0:
                 continue
-            parts = []
+            self.cache.reserve(max(s0 + n, self.reserve), [layer])  # this block's slots only (see above)
+            out_h = torch.empty_like(h)  # [b, n, d], filled chunk by chunk
             for a in range(0, n, self.chunk_tokens):
                 z = min(n, a + self.chunk_tokens)
-                self._spend((z - a) * b * runs)
+                units = runs * self.cost(b, z - a, s0 + (a + z) / 2)
+                self._spend(units)
+                t0 = time.perf_counter()
                 out = self.inner.forward(tokens[:, a:z], start + a, plans=counts, rows=rows,
                                          resume=(layer, h[:, a:z]), stop=layer + 1)
                 assert out.hidden is not None
-                parts.append(out.hidden)
-            h = torch.cat(parts, 1)
-        if all_logits:
-            logits = self.inner.head(h)
+                out_h[:, a:z] = out.hidden
+                if out_h.device.type == "cuda":  # kernels run asynchronously: time the work, not its launch
+                    torch.cuda.synchronize(out_h.device)
+                self._measured(units, time.perf_counter() - t0)
+            h = out_h
+        if all_logits:  # [b, n, V]: the head over every prompt token is a prefill's worth of work: chunk it
+            parts = []
+            for a in range(0, n, self.chunk_tokens):
+                z = min(n, a + self.chunk_tokens)
+                self._spend(b * (z - a) * self.head_units)
+                parts.append(self.inner.head(h[:, a:z]))
+            logits = torch.cat(parts, 1)
         else:
             dev = h.device
             logits = self.inner.head(h[torch.arange(b, device=dev), (lengths_cpu - 1).to(dev)])
+        if self._spent:  # the admitting step (cache row move, first token) gets a slice of its own
+            self._pause()
+            self._spent = 0.0
         return ForwardOutput(logits=logits, counts=counts, entering=entering)

@@ -37,6 +37,10 @@ _ids = itertools.count()
 # chunked prefill: tokens per block call (and, times L, token-block units per step), by device. On a CPU a
 # decode step costs about as much as a 32-token prefill.
 CHUNK_TOKENS = {"cpu": 32, "cuda": 512}
+# chunked prefill: seconds per step on the prompt, as a multiple of the running rows' recent decode step. A
+# running stream's gap is then about 1 + SLICE_RATIO decode steps, which leaves room under the 3x target for
+# decode steps that run slow (a shared CPU, a noisy neighbour); more would shorten the long prompt's TTFT.
+SLICE_RATIO = 0.75
 
 
 class ContextLengthError(ValueError):
@@ -136,11 +140,13 @@ class BatchGenerator:
     def __init__(self, model: BaseModel, max_batch: int = 8, planner: Planner | None = None,
                  attn_impl: str = "sdpa", no_cache: bool = False, max_context: int | None = None,
                  long_prompt: int | None = None, chunk_tokens: int | None = None,
-                 prefill_budget: int | None = None) -> None:
+                 prefill_budget: float | None = None, slice_ratio: float = SLICE_RATIO) -> None:
         """long_prompt: prompts with more tokens are prefilled in chunks between decode steps (see
         `routing.chunked_prefill`; None: never, the right choice for offline batches), chunk_tokens tokens at
-        a time (default by device, `CHUNK_TOKENS`), at most prefill_budget token-block units per step
-        (default chunk_tokens x L)."""
+        a time (default by device, `CHUNK_TOKENS`), at most prefill_budget cost units per step (default
+        chunk_tokens x L; a unit is one token through one block, attention included) and, while rows are
+        running, at most slice_ratio x their recent decode step in seconds: a running stream's gap is then
+        about (1 + slice_ratio) decode steps."""
         self.model = model
         self.executor = RoutedExecutor(model, max_batch=max_batch, attn_impl=attn_impl)
         self.planner = planner or FixedPlanner()
@@ -155,6 +161,7 @@ class BatchGenerator:
         self.chunk_tokens = chunk_tokens or CHUNK_TOKENS.get(model.device.type, CHUNK_TOKENS["cuda"])
         self.long_prompt = long_prompt
         self.prefill_budget = prefill_budget or self.chunk_tokens * model.spec.n_layers
+        self.slice_ratio = slice_ratio
         self._long: tuple[Sequence, SteppedCall, torch.Tensor, bool] | None = None  # the chunked prefill
         self._decode_s = 0.0  # recent decode step time (moving average), paces a chunked prefill
 
@@ -301,11 +308,17 @@ class BatchGenerator:
         want_all = s.request.prompt_logprobs
         req = PlanRequest(s.request.plan, s.request.routing, s.request.budget)
 
-        def time_budget() -> float | None:  # keep the running rows' pace: a slice costs at most 1.5 decode steps
-            return 1.5 * self._decode_s if self.running and self._decode_s else None
+        # room for the answer too (up to the prompt's length again, what geometric growth would give), so the
+        # row's first decode steps do not grow every block's cache at once
+        n = len(s.request.prompt_ids)
+        reserve = min(self.max_context, n + s.request.params.max_tokens, 2 * n)
+
+        def time_budget() -> float | None:  # keep the running rows' pace: a slice costs ~slice_ratio decode steps
+            return self.slice_ratio * self._decode_s if self.running and self._decode_s else None
 
         def run(pause: Callable[[], None]) -> PrefillResult:
-            ex = LayerMajorExecutor(self.executor, pause, self.chunk_tokens, self.prefill_budget, time_budget)
+            ex = LayerMajorExecutor(self.executor, pause, self.chunk_tokens, self.prefill_budget, time_budget,
+                                    reserve)
             return self.planner.prefill(ex, tokens, rows, lengths, [req], all_logits=want_all)  # type: ignore[arg-type]
 
         self._long = (s, SteppedCall(run), lengths, want_all)
@@ -325,7 +338,7 @@ class BatchGenerator:
         if call.error is not None:
             raise call.error
         new_row = len(self.running)  # join the running prefix
-        self.executor.cache.move_row(s.row, new_row)
+        self.executor.cache.move_row(s.row, new_row, len(s.request.prompt_ids))
         s.row = new_row
         self.running.append(s)
         return self._prefilled([s], call.result, lengths, want_all)

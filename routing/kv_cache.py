@@ -6,20 +6,19 @@ their absolute positions 0..len-1, so rows of different lengths and plans share 
 
 Layout: keys and values of one slot live together, `[max_batch, 2 * H_kv, capacity, D]` (heads 0..H_kv-1
 keys, then values), so one index write stores both, and a read is a view in the head-major layout SDPA's
-fused CPU kernel wants (a token-major view makes it fall back to the unfused math path). The first-execution slots of all
-L blocks are one tensor `[L, max_batch, 2 * H_kv, capacity, D]`, allocated once, on first use; repeat
-slots are allocated per block on first use (most plans repeat few blocks or none). Capacity grows
-geometrically when a forward needs more positions (`reserve`); a caller that knows a sequence's final
-length can reserve it up front so no decode step ever reallocates.
+fused CPU kernel wants (a token-major view makes it fall back to the unfused math path). Every slot is its
+own tensor, allocated on first use (most plans repeat few blocks or none, so most repeat slots never are),
+and every block has its own capacity: `reserve(length, layers)` grows only the blocks named, so a
+layer-major prefill grows block l's slots when it reaches block l (a fraction of the whole cost per engine
+step) instead of stalling one step on all of them. Capacity grows geometrically (at least doubles); a
+caller that knows a sequence's final length can reserve it up front so no decode step ever reallocates.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
-
-
-def slot_of(layer: int, repeat: int) -> int:
-    return 2 * layer + repeat
 
 
 class SlotKVCache:
@@ -27,44 +26,53 @@ class SlotKVCache:
                  device: torch.device, capacity: int = 128) -> None:
         self.n_layers, self.n_kv_heads, self.head_dim, self.max_batch = n_layers, n_kv_heads, head_dim, max_batch
         self.dtype, self.device = dtype, device
-        self.capacity = capacity
-        self.primary: torch.Tensor | None = None  # [L, max_batch, 2 H_kv, capacity, D]
-        self.repeats: dict[int, torch.Tensor] = {}  # layer -> [max_batch, 2 H_kv, capacity, D]
+        self._caps = [capacity] * n_layers  # positions each block's slots hold
+        self.primary: list[torch.Tensor | None] = [None] * n_layers  # layer -> [max_batch, 2 H_kv, cap, D]
+        self.repeats: dict[int, torch.Tensor] = {}  # layer -> [max_batch, 2 H_kv, cap, D]
 
-    def _empty(self, *lead: int, length: int) -> torch.Tensor:
-        shape = (*lead, self.max_batch, 2 * self.n_kv_heads, length, self.head_dim)
+    @property
+    def capacity(self) -> int:
+        """Positions every slot holds (the smallest block capacity)."""
+        return min(self._caps)
+
+    def _empty(self, length: int) -> torch.Tensor:
+        shape = (self.max_batch, 2 * self.n_kv_heads, length, self.head_dim)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    def reserve(self, length: int) -> None:
-        """Make room for `length` positions in every slot (grows geometrically: at least doubles)."""
-        if length <= self.capacity:
-            return
-        new = max(length, 2 * self.capacity)
-        old = self.capacity
-        if self.primary is not None:
-            grown = self._empty(self.n_layers, length=new)
-            grown[:, :, :, :old] = self.primary
-            self.primary = grown
-        for layer, t in self.repeats.items():
-            grown = self._empty(length=new)
-            grown[:, :, :old] = t
-            self.repeats[layer] = grown
-        self.capacity = new
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in self.primary if t is not None] + list(self.repeats.values())
+
+    def reserve(self, length: int, layers: Iterable[int] | None = None) -> None:
+        """Make room for `length` positions in the slots of `layers` (default: every block); a block that
+        grows at least doubles its capacity. The slots' contents are kept."""
+        for layer in range(self.n_layers) if layers is None else layers:
+            old = self._caps[layer]
+            if length <= old:
+                continue
+            new = max(length, 2 * old)
+            for t, put in ((self.primary[layer], self.primary.__setitem__),
+                           (self.repeats.get(layer), self.repeats.__setitem__)):
+                if t is not None:
+                    grown = self._empty(new)
+                    grown[:, :, :old] = t
+                    put(layer, grown)
+            self._caps[layer] = new
 
     def slot(self, layer: int, repeat: int) -> torch.Tensor:
         """The [max_batch, 2 H_kv, capacity, D] tensor of block `layer`'s execution `repeat` (0 or 1)."""
         if repeat == 0:
-            if self.primary is None:
-                self.primary = self._empty(self.n_layers, length=self.capacity)
-            return self.primary[layer]
+            t = self.primary[layer]
+            if t is None:
+                t = self.primary[layer] = self._empty(self._caps[layer])
+            return t
         t = self.repeats.get(layer)
         if t is None:
-            t = self.repeats[layer] = self._empty(length=self.capacity)
+            t = self.repeats[layer] = self._empty(self._caps[layer])
         return t
 
     def has_slot(self, slot: int) -> bool:
         layer, repeat = divmod(slot, 2)
-        return self.primary is not None if repeat == 0 else layer in self.repeats
+        return self.primary[layer] is not None if repeat == 0 else layer in self.repeats
 
     def write(self, layer: int, repeat: int, rows: torch.Tensor | slice, positions: torch.Tensor | slice,
               kv: torch.Tensor) -> None:
@@ -85,29 +93,22 @@ class SlotKVCache:
         return t[:, : self.n_kv_heads], t[:, self.n_kv_heads:]
 
     @torch.inference_mode()
-    def move_row(self, src: int, dst: int) -> None:
-        """Copy row src into row dst in every slot (used to keep active rows a contiguous prefix)."""
+    def move_row(self, src: int, dst: int, length: int | None = None) -> None:
+        """Copy row src into row dst in every slot (used to keep active rows a contiguous prefix); `length`:
+        only the first positions (the ones src holds), default all."""
         if src == dst:
             return
-        if self.primary is not None:
-            self.primary[:, dst] = self.primary[:, src]
-        for t in self.repeats.values():
-            t[dst] = t[src]
+        for t in self._tensors():
+            t[dst, :, :length] = t[src, :, :length]
 
     @torch.inference_mode()
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy rows src[i] into rows dst[i] (src, dst: [k] long) in every slot, one indexed copy per slot
         (the offline scorer shares one prompt prefill among several continuations this way)."""
         src, dst = src.to(self.device), dst.to(self.device)
-        if self.primary is not None:
-            self.primary[:, dst] = self.primary[:, src]
-        for t in self.repeats.values():
+        for t in self._tensors():
             t[dst] = t[src]
 
     def clear(self) -> None:
-        self.primary = None
+        self.primary = [None] * self.n_layers
         self.repeats.clear()
-
-    def nbytes(self) -> int:
-        tensors = ([] if self.primary is None else [self.primary]) + list(self.repeats.values())
-        return sum(t.numel() * t.element_size() for t in tensors)

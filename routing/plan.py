@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 SKIP, EXECUTE, REPEAT = 0, 1, 2
@@ -43,12 +41,6 @@ class LayerPlan:
             plan.check_length(n_layers)
         return plan
 
-    @classmethod
-    def coerce(cls, plan: LayerPlan | Iterable[int], n_layers: int) -> LayerPlan:
-        p = plan if isinstance(plan, LayerPlan) else cls(tuple(_as_int(c) for c in plan))
-        p.check_length(n_layers)
-        return p
-
     def check_length(self, n_layers: int) -> None:
         if len(self.counts) != n_layers:
             raise ValueError(f"layer plan has {len(self.counts)} counts but the model has {n_layers} layers")
@@ -81,16 +73,6 @@ class LayerPlan:
         return ",".join(map(str, self.counts))
 
 
-def _as_int(c: object) -> object:
-    # numpy / torch integers become int; floats, bools and strings stay as they are and fail validation.
-    if isinstance(c, bool):
-        return c
-    try:
-        return operator.index(c)  # type: ignore[arg-type]
-    except TypeError:
-        return c
-
-
 def budget_ok(budget: float) -> bool:
     """The one budget rule: 0 < budget <= MAX_BUDGET."""
     return 0 < budget <= MAX_BUDGET
@@ -114,6 +96,3 @@ def plan_summary(plan: LayerPlan) -> dict[str, object]:
         "plan": plan.to_list(),
     }
 
-
-def as_plans(plans: Sequence[LayerPlan | Sequence[int]], n_layers: int) -> list[LayerPlan]:
-    return [LayerPlan.coerce(p, n_layers) for p in plans]

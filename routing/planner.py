@@ -29,7 +29,6 @@ class PrefillResult:
     logits: torch.Tensor  # [b, V] last-token logits, or [b, n, V] with all_logits
     plans: list[LayerPlan]
     decisions: list[list[list[float]] | None]  # per row: per-layer probabilities over (skip, execute, repeat)
-    decision_logits: list[list[list[float]] | None]  # the routers' raw logits, same layout
 
 
 class Planner(Protocol):
@@ -54,4 +53,4 @@ class FixedPlanner:
         start = torch.zeros(tokens.shape[0], dtype=torch.long)
         out = executor.forward(tokens, start, plans=plans_tensor(plans), rows=rows, lengths=lengths,
                                all_logits=all_logits)
-        return PrefillResult(out.logits, plans, [None] * len(plans), [None] * len(plans))
+        return PrefillResult(out.logits, plans, [None] * len(plans))

@@ -72,5 +72,4 @@ class RouterPlanner:
         probs = torch.softmax(logits_by_row, -1)
         plans = [LayerPlan(tuple(int(c) for c in counts[i])) for i in range(b)]
         decisions = [probs[i].tolist() if routed[i] else None for i in range(b)]
-        raw = [logits_by_row[i].tolist() if routed[i] else None for i in range(b)]
-        return PrefillResult(logits, plans, decisions, raw)
+        return PrefillResult(logits, plans, decisions)

@@ -168,7 +168,7 @@ def test_sampling_is_seeded_per_request() -> None:
 def test_invalid_plans_raise_value_error(bad: tuple) -> None:
     model = tiny_model("llama")
     with pytest.raises(ValueError):
-        LayerPlan.coerce(bad, model.spec.n_layers)
+        LayerPlan(bad).check_length(model.spec.n_layers)
 
 
 def test_plan_accounting() -> None:

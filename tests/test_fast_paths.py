@@ -86,12 +86,12 @@ def test_kv_cache_is_allocated_once_and_moves_rows_in_every_slot() -> None:
     ex = RoutedExecutor(model, max_batch=3, capacity=16)
     plans = torch.tensor([[1, 2, 0, 1, 1, 1]] * 3)
     ex.forward(torch.randint(0, 96, (3, 5)), torch.zeros(3, dtype=torch.long), plans=plans)
-    primary, repeat = ex.cache.primary, ex.cache.repeats[1]
+    primary, repeat = ex.cache.primary[0], ex.cache.repeats[1]
     assert primary is not None and set(ex.cache.repeats) == {1}
     ptrs = (primary.data_ptr(), repeat.data_ptr())
     for t in range(5, 16):  # decode up to capacity: no reallocation
         ex.forward(torch.randint(0, 96, (3, 1)), torch.full((3,), t), plans=plans)
-    assert (ex.cache.primary.data_ptr(), ex.cache.repeats[1].data_ptr()) == ptrs
+    assert (ex.cache.primary[0].data_ptr(), ex.cache.repeats[1].data_ptr()) == ptrs  # type: ignore[union-attr]
     before = [ex.cache.read(layer, r, slice(2, 3), 16) for layer, r in ((0, 0), (1, 1))]
     ex.cache.move_row(2, 0)
     for (layer, r), (k, v) in zip(((0, 0), (1, 1)), before, strict=True):
@@ -99,6 +99,19 @@ def test_kv_cache_is_allocated_once_and_moves_rows_in_every_slot() -> None:
         assert torch.equal(k0, k) and torch.equal(v0, v)
     ex.forward(torch.randint(0, 96, (3, 1)), torch.full((3,), 16), plans=plans)  # past capacity: grows
     assert ex.cache.capacity == 32
+    k16, v16 = ex.cache.read(0, 0, slice(0, 1), 16)
+    assert torch.equal(k16, before[0][0]) and torch.equal(v16, before[0][1])  # growing kept the contents
+
+
+def test_kv_cache_grows_only_the_blocks_named() -> None:
+    model = tiny_model("llama")
+    ex = RoutedExecutor(model, max_batch=2, capacity=8)
+    ex.forward(torch.randint(0, 96, (2, 4)), torch.zeros(2, dtype=torch.long), plans=torch.ones(2, 6, dtype=torch.long))
+    ex.cache.reserve(40, [1, 2])
+    assert [t.shape[2] for t in ex.cache.primary] == [8, 40, 40, 8, 8, 8]  # type: ignore[union-attr]
+    assert ex.cache.capacity == 8
+    ex.cache.reserve(12)
+    assert [t.shape[2] for t in ex.cache.primary] == [16, 40, 40, 16, 16, 16]  # type: ignore[union-attr]
 
 
 def test_int8_weights_round_trip_within_half_a_step() -> None:

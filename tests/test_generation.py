@@ -7,11 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from tiny import ARCHS, random_routers, tiny_model
+from tiny import ARCHS, DEVICES, random_routers, tiny_model
 from toytok import CHARS, toy_model
 
+from routing.chunked_prefill import LayerMajorExecutor
 from routing.detokenize import IncrementalDetokenizer, StopStrings, TokenNames, decode_with_offsets
-from routing.executor import ForwardOutput
+from routing.executor import ForwardOutput, RoutedExecutor
 from routing.generation import BatchGenerator, ContextLengthError, GenerationRequest, SequenceOutput
 from routing.model import BaseModel
 from routing.routers import RouterPlanner
@@ -185,9 +186,10 @@ def chunked(model: BaseModel, planner: object = None, **kw: object) -> BatchGene
                           prefill_budget=12, **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_chunked_prefill_equals_one_prefill(arch: str) -> None:
-    model = tiny_model(arch)
+def test_chunked_prefill_equals_one_prefill(arch: str, device: str) -> None:
+    model = tiny_model(arch, device=device)
     prompt = [(7 * i + 3) % 96 for i in range(23)]
     params = SamplingParams(max_tokens=5, temperature=0, logprobs=2, ignore_eos=True)
     for planner_of in (lambda: None, lambda: RouterPlanner(random_routers(model, 2))):
@@ -210,9 +212,10 @@ def test_chunked_prefill_equals_one_prefill(arch: str) -> None:
                                        torch.tensor([x.logprob for x in a.prompt_logprobs[1:]]), atol=1e-4, rtol=0)
 
 
-def test_running_streams_keep_their_pace_during_a_chunked_prefill() -> None:
-    model = tiny_model("qwen2")
-    short = GenerationRequest([1, 2, 3], greedy(30))
+@pytest.mark.parametrize("device", DEVICES)
+def test_running_streams_keep_their_pace_during_a_chunked_prefill(device: str) -> None:
+    model = tiny_model("qwen2", device=device)
+    short = GenerationRequest([1, 2, 3], greedy(80))  # outlasts the prefill even at one chunk per step (49)
     long = GenerationRequest([(5 * i) % 96 for i in range(40)], greedy(4))
     gen = chunked(model)
     s = gen.submit(short)
@@ -241,3 +244,44 @@ def test_aborting_a_chunked_prefill_frees_it() -> None:
     u = gen.submit(after)
     gen.run_to_completion()
     assert u.generated == run_alone(model, after)
+
+
+def _sliced_prefill(n: int, chunk: int, budget: float, time_budget: float | None = None
+                    ) -> tuple[list[list[tuple[int, int]]], object, torch.Tensor]:
+    """One LayerMajorExecutor prefill of n tokens: the (layer, offset) of the chunks of every slice."""
+    model = tiny_model("llama")
+    inner = RoutedExecutor(model, max_batch=1)
+    slices: list[list[tuple[int, int]]] = [[]]
+    real = inner.forward
+
+    def forward(tokens, start, **kw):  # noqa: ANN001, ANN003, ANN202
+        slices[-1].append((kw["resume"][0], int(start[0])))
+        return real(tokens, start, **kw)
+
+    inner.forward = forward  # type: ignore[method-assign]
+    ex = LayerMajorExecutor(inner, lambda: slices.append([]), chunk, budget, lambda: time_budget)
+    tokens = torch.tensor([[(3 * i + 1) % 96 for i in range(n)]])
+    plans = torch.ones(1, model.spec.n_layers, dtype=torch.long)
+    out = ex.forward(tokens, torch.zeros(1, dtype=torch.long), plans=plans)
+    whole = RoutedExecutor(model, max_batch=1).forward(tokens, torch.zeros(1, dtype=torch.long), plans=plans)
+    torch.testing.assert_close(out.logits, whole.logits, atol=1e-4, rtol=0)
+    return slices, ex, tokens
+
+
+def test_chunked_prefill_slices_are_sized_by_cost() -> None:
+    """A chunk's cost grows with the keys it attends to: no slice goes over its budget (unless it holds a
+    single chunk), and slices late in a block hold fewer chunks than early ones."""
+    chunk, budget = 4, 40.0
+    slices, ex, _ = _sliced_prefill(400, chunk, budget)
+    assert not slices[-1]  # the prefill pauses once more before it returns
+    for s in slices[:-1]:
+        units = sum(ex.cost(1, chunk, off + chunk / 2) for _, off in s)  # type: ignore[attr-defined]
+        assert len(s) == 1 or units <= budget + 1e-9
+    layer0 = [s for s in slices if s and all(layer == 0 for layer, _ in s)]
+    assert len(layer0[0]) > len(layer0[-2]) >= 1
+
+
+def test_chunked_prefill_pauses_before_a_chunk_that_would_run_late() -> None:
+    """With a time budget shorter than any chunk, every slice runs exactly one chunk (never two)."""
+    slices, _, _ = _sliced_prefill(60, 4, 1e9, time_budget=1e-9)
+    assert all(len(s) == 1 for s in slices[:-1]) and not slices[-1]

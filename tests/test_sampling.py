@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from routing.sampling import SampleRow, SamplingParams, sample, uniform
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# every device-dependent test runs on CPU and, where there is one, on CUDA (skipped, not dropped, without)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def logits(b: int, V: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
@@ -61,25 +62,28 @@ def test_batch_rows_are_independent(device: str) -> None:
         assert [t for t, _ in alone.top] == [t for t, _ in together[i].top]
 
 
-def test_truncated_sampling_matches_reference() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_truncated_sampling_matches_reference(device: str) -> None:
     """top-k / top-p / min-p over the candidates equal a plain full-sort implementation, step by step."""
     x = logits(1, 300, seed=4)
+    xd = x.to(device)
     for kw in (dict(top_p=0.9), dict(top_k=7), dict(top_p=0.5, top_k=20), dict(temperature=0.6, top_p=0.95),
                dict(min_p=0.1), dict(temperature=1.5)):
         p = SamplingParams(**kw)  # type: ignore[arg-type]
         for step in range(40):
-            got = sample(x, [SampleRow(p, 11, step)])[0].token_id
+            got = sample(xd, [SampleRow(p, 11, step)])[0].token_id
             assert got == reference(x[0], p, uniform(11, step)), (kw, step)
 
 
-def test_flat_distribution_falls_back_to_the_exact_path() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_flat_distribution_falls_back_to_the_exact_path(device: str) -> None:
     """When top-p keeps more tokens than the candidates, the result equals sampling over everything."""
     x = logits(2, 2000, seed=5, scale=0.1)  # nearly flat: top_p 0.95 keeps ~1900 tokens
     p = SamplingParams(top_p=0.95)
     for step in range(20):
         rows = [SampleRow(p, 3, step), SampleRow(p, 4, step)]
-        few = sample(x, rows, candidates=16)
-        every = sample(x, rows, candidates=2000)
+        few = sample(x.to(device), rows, candidates=16)
+        every = sample(x.to(device), rows, candidates=2000)
         assert [s.token_id for s in few] == [s.token_id for s in every]
         assert few[0].token_id == reference(x[0], p, uniform(3, step))
 
@@ -111,9 +115,10 @@ EXTREMES = [dict(temperature=1e-38), dict(temperature=1e-40, top_k=1), dict(top_
             dict(temperature=1e300, top_p=0.5), dict(temperature=2.0, min_p=1.0), dict(top_k=1, top_p=1e-9)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kw", EXTREMES)
-def test_extreme_parameters_give_a_token_and_leave_other_rows_alone(kw: dict) -> None:
-    x = logits(2, 400, seed=6)
+def test_extreme_parameters_give_a_token_and_leave_other_rows_alone(kw: dict, device: str) -> None:
+    x = logits(2, 400, seed=6).to(device)
     bad = SampleRow(SamplingParams(**kw, logprobs=2), 9, 0, history=[1, 2, 3])  # type: ignore[arg-type]
     greedy = row(0, 0, temperature=0, logprobs=1)
     out = sample(x, [bad, greedy])
@@ -122,30 +127,34 @@ def test_extreme_parameters_give_a_token_and_leave_other_rows_alone(kw: dict) ->
     assert out[1].token_id == int(x[1].argmax())
 
 
-def test_tiny_temperature_and_top_p_are_greedy() -> None:
-    x = logits(1, 400, seed=8)
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiny_temperature_and_top_p_are_greedy(device: str) -> None:
+    x = logits(1, 400, seed=8).to(device)
     for kw in (dict(temperature=1e-38), dict(top_p=1e-300), dict(top_k=1)):
         assert sample(x, [row(3, **kw)])[0].token_id == int(x[0].argmax())  # type: ignore[arg-type]
 
 
-def test_non_finite_row_fails_alone() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_row_fails_alone(device: str) -> None:
     x = logits(3, 100)
     x[1, 7] = float("nan")
     x[2] = float("-inf")
+    x = x.to(device)
     out = sample(x, [row(temperature=0), row(temperature=1.0), row(temperature=0.8, top_p=0.9)])
     assert out[0].error is None and out[0].token_id == int(x[0].argmax())
     assert out[1].error and out[1].token_id == -1
     assert out[2].error and out[2].token_id == -1
 
 
-def test_blocked_tokens_and_repetition_penalty() -> None:
-    x = torch.tensor([[5.0, 4.0, 3.0, -1.0]])
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocked_tokens_and_repetition_penalty(device: str) -> None:
+    x = torch.tensor([[5.0, 4.0, 3.0, -1.0]], device=device)
     assert sample(x, [SampleRow(SamplingParams(temperature=0), 0, 0, blocked=(0,))])[0].token_id == 1
     pen = SampleRow(SamplingParams(temperature=0, repetition_penalty=2.0), 0, 0, history=[0, 1])
     assert sample(x, [pen])[0].token_id == 2  # 5/2 and 4/2 fall below 3
     # logprobs are reported from the raw logits
     lp = sample(x, [SampleRow(SamplingParams(temperature=0, logprobs=1), 0, 0, blocked=(0,))])[0]
-    assert lp.logprob == pytest.approx(float(torch.log_softmax(x[0], -1)[1]), abs=1e-6)
+    assert lp.logprob == pytest.approx(float(torch.log_softmax(x[0].cpu(), -1)[1]), abs=1e-6)
     assert lp.top[0][0] == 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 
+import pytest
 import torch
 from torch import nn
 from transformers import (
@@ -26,6 +27,8 @@ from routing.router_net import RouterConfig, Routers
 
 ARCHS = ("llama", "qwen2", "qwen3")
 DEVICE = torch.device(os.environ.get("DRLLM_TEST_DEVICE", "cpu"))
+# for tests parametrized on the device: CPU, and CUDA where there is one (skipped, not dropped, without)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
     os.environ.get("DRLLM_TEST_DTYPE", "float32")]
 # logits of the tiny models are O(1): float32 agrees to ~1e-6, half precisions to a few of their epsilons
@@ -36,7 +39,8 @@ _COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_l
                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
 
 
-def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa") -> BaseModel:
+def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa", device: str | torch.device | None = None) -> BaseModel:
+    """A random 6-block model of `arch` on `device` (default DRLLM_TEST_DEVICE) in DRLLM_TEST_DTYPE."""
     torch.manual_seed(seed)
     if arch == "llama":
         hf = LlamaForCausalLM(LlamaConfig(**_COMMON, attn_implementation=attn))
@@ -51,7 +55,7 @@ def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa") -> BaseModel:
         for name, p in hf.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
-    hf.to(DEVICE, DTYPE)
+    hf.to(DEVICE if device is None else device, DTYPE)
     return wrap_model(hf, name=f"tiny-{arch}")
 
 
@@ -80,4 +84,4 @@ def random_routers(model: BaseModel, seed: int) -> Routers:
     with torch.no_grad():
         for layer in r.layers:
             layer.fc2.weight.mul_(40)
-    return r.eval()
+    return r.to(model.device).eval()

@@ -47,10 +47,6 @@ class Encoded:
     gold: int = -1  # multiple choice: gold index
 
     @property
-    def prompt_len(self) -> int:
-        return len(self.ids)
-
-    @property
     def is_mc(self) -> bool:
         return self.kind in ("ll", "letter")
 
