@@ -460,7 +460,7 @@ def test_dockerignore_keeps_caches_out_and_source_in():
                 if line.strip() and not line.startswith("#")]
     for needed in (".git", ".venv", "weights/base", "**/__pycache__", "**/*.gguf", ".pytest_cache"):
         assert needed in patterns
-    for kept in ("pyproject.toml", "README.md", "routing", "server", "weights/routers", "weights"):
+    for kept in ("pyproject.toml", "README.md", "routing", "server", "cli", "weights/routers", "weights"):
         assert kept not in patterns
     assert "!deploy/docker-entrypoint.sh" in patterns and "!weights/routers/**" in patterns
 
