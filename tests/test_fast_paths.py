@@ -30,19 +30,26 @@ def solo_logits(model, tokens: torch.Tensor, plan: torch.Tensor) -> torch.Tensor
     return reference_logits(model, LayerPlan(tuple(int(c) for c in plan)), tokens[None])[0]
 
 
-@pytest.mark.parametrize("subset_min_tokens", [0, 10**9], ids=["gather", "ride-along"])
+@pytest.mark.parametrize("gather", ["always", "never", "auto"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_row_subsets_match_each_row_alone(arch: str, subset_min_tokens: int) -> None:
-    """Prefill of rows with different plans and lengths, then decode steps at different positions: both
-    ways of running a block for some rows only (gather them, or run all and keep the others' state) give
-    each row the logits of a plain transformers forward along its own plan."""
+def test_row_subsets_match_each_row_alone(arch: str, gather: str) -> None:
+    """Prefill of rows with different plans and lengths, then decode steps at different positions: every
+    way of running a block for some rows only (gather them: by index, or as a contiguous view; or run all
+    and keep the others' state) gives each row the logits of a plain transformers forward along its own
+    plan."""
     model = tiny_model(arch)
     rng = random.Random(7)
     b = 4
     plans = plans_for(rng, b)
+    plans[1:3, 1] = 0  # rows 1-2 alone skip block 1: a contiguous subset (a view) executes it
+    plans[0, 2], plans[1:, 2] = 0, 1  # rows 1-3 execute block 2: contiguous too
     lengths = [3, 8, 5, 1]
     seqs = torch.randint(0, 96, (b, 12))
-    ex = RoutedExecutor(model, max_batch=b, subset_min_tokens=subset_min_tokens, capacity=4)
+    ex = RoutedExecutor(model, max_batch=b, gather=gather, capacity=4)
+    if gather == "auto":
+        sel = ex._selections(plans, model.device)
+        assert sel[1][0].span is None and sel[2][0].span == slice(1, 4)
+        assert ex._subset_path(sel[1][0], b, 1) == "project" and ex._subset_path(sel[2][0], b, 1) == "view"
     tokens = seqs[:, :8].clone()
     out = ex.forward(tokens, torch.zeros(b, dtype=torch.long), plans=plans, lengths=torch.tensor(lengths),
                      all_logits=True)
