@@ -27,6 +27,17 @@ class RouterPlanner:
         self.routers = routers
         self.policy = policy or getattr(routers, "policy", None) or RoutingPolicy()
 
+    def expected_plan(self, req: PlanRequest, n_layers: int) -> LayerPlan:
+        """Before the prefill: a fixed or full plan is exact; a budgeted request under the static rule is
+        expected to skip the first blocks of the budget order (the routers' own free skips are not known
+        until their prefill, so a routed request without that rule is expected to run every block)."""
+        if req.plan is not None or req.routing == "full" or req.budget is None \
+                or self.policy.budget_rule != "static":
+            return fixed_plan(req, n_layers)
+        full = [1] * n_layers
+        zeros = [[0.0, 0.0, 0.0]] * n_layers
+        return LayerPlan(tuple(apply_budget_static(full, zeros, req.budget, self.policy.budget_order)))
+
     def prefill(self, executor: RoutedExecutor, tokens: torch.Tensor, rows: torch.Tensor,
                 lengths: torch.Tensor, requests: list[PlanRequest], all_logits: bool = False) -> PrefillResult:
         L = executor.n_layers

@@ -25,6 +25,10 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
     max_batch_size: int = Field(8, ge=1, le=256)  # rows decoded together
     max_queue: int = Field(128, ge=1)  # sequences waiting for a batch row; more -> 429
+    # who takes free batch rows: "plan" (rows that skip the same blocks decode together, aging bounds the
+    # wait) or "fifo" (arrival order, routing-blind); see routing.generation.BatchGenerator._plan_order
+    scheduler: Literal["fifo", "plan"] = "plan"
+    max_queue_wait_s: float = Field(2.0, ge=0)  # plan scheduler: waiting this long goes first (arrival order)
     served_model_name: str | None = None  # the name clients send as `model` (default: the model's name)
     device: str | None = None  # cpu, cuda, cuda:1 (default: cuda if available)
     dtype: str = "auto"
@@ -72,6 +76,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* [DRLLM_API_KEY]")
     p.add_argument("--max-batch-size", type=int, help="rows decoded together (default 8) [DRLLM_MAX_BATCH_SIZE]")
     p.add_argument("--max-queue", type=int, help="waiting sequences before 429 (default 128) [DRLLM_MAX_QUEUE]")
+    p.add_argument("--scheduler", choices=("fifo", "plan"),
+                   help="admission: plan (plan-aware, default) or fifo (arrival order) [DRLLM_SCHEDULER]")
+    p.add_argument("--max-queue-wait-s", type=float,
+                   help="plan scheduler: a request waiting this long is admitted first (default 2) "
+                        "[DRLLM_MAX_QUEUE_WAIT_S]")
     p.add_argument("--served-model-name", help="model name clients send [DRLLM_SERVED_MODEL_NAME]")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available) [DRLLM_DEVICE]")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16 [DRLLM_DTYPE]")
