@@ -7,9 +7,11 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 from tiny import random_routers, tiny_model
 
-from routing.generation import BatchGenerator, GenerationRequest
+from routing import generation
+from routing.generation import BatchGenerator, GenerationRequest, length_groups
 from routing.plan import LayerPlan
 from routing.planner import PlanRequest
 from routing.policy import RoutingPolicy
@@ -92,3 +94,37 @@ def test_expected_plan_of_a_budgeted_request_follows_the_static_order() -> None:
 def test_unknown_scheduler_is_refused() -> None:
     with pytest.raises(ValueError, match="scheduler"):
         BatchGenerator(tiny_model("llama"), scheduler="lifo")
+
+
+def test_length_groups_split_only_where_padding_costs_more_than_a_call() -> None:
+    assert length_groups([35, 5, 8, 6], 16) == [[1, 3, 2], [0]]
+    assert length_groups([35, 5, 8, 6], 1000) == [[1, 3, 2, 0]]  # a call costs more than any padding
+    assert length_groups([7], 16) == [[0]]
+    lengths = [3, 40, 41, 2, 9, 40]
+    groups = length_groups(lengths, 8)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert all(max(lengths[i] for i in a) <= min(lengths[i] for i in b) for a, b in zip(groups, groups[1:], strict=False))
+
+
+def test_prefill_in_length_groups_equals_each_request_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts of very different lengths admitted together are prefilled in several calls (rows assigned in
+    call order); every row still generates exactly what it generates alone, routers deciding its plan."""
+    monkeypatch.setitem(generation.PREFILL_CALL_TOKENS, "cpu", 2)
+    model = tiny_model("qwen3")
+    planner = RouterPlanner(random_routers(model, 3))
+    rng = torch.Generator().manual_seed(5)
+    reqs = [GenerationRequest(torch.randint(0, 96, (n,), generator=rng).tolist(), greedy(5),
+                              budget=b) for n, b in ((3, None), (30, 0.7), (4, 0.5), (28, None))]
+    gen = BatchGenerator(model, max_batch=4, planner=planner)
+    seqs = [gen.submit(r) for r in reqs]
+    calls = []
+    orig = planner.prefill
+    monkeypatch.setattr(planner, "prefill", lambda ex, tokens, *a, **k: calls.append(tokens.shape) or
+                        orig(ex, tokens, *a, **k))
+    gen.run_to_completion()
+    assert len(calls) == 2
+    for s, r in zip(seqs, reqs, strict=True):
+        solo = BatchGenerator(model, max_batch=1, planner=RouterPlanner(planner.routers))
+        one = solo.submit(r)
+        solo.run_to_completion()
+        assert s.generated == one.generated and s.plan == one.plan
