@@ -4,10 +4,17 @@ For each concurrency level, the same requests (varied prompts, `ignore_eos`, fix
 are sent with `routing: "full"` and with each budget (routers on), interleaved mode by mode. Printed side
 by side: throughput (generated tokens/s), the speed-up over "full" next to the ideal one (weights read per
 token at full depth / along the executed plans, LM head included), and the worst time to first token
-(queue wait + prefill, streamed). Not a test: figures depend on the machine; read the ratios.
+(queue wait + prefill, streamed). The "mixed" mode alternates `routing: "full"` and budget 0.6 requests:
+there the scheduler's choice of who decodes together matters.
+
+With several `--schedulers` one server per scheduler is started in turn (`--scheduler` of `drllm serve`);
+the first runs every concurrency level, the others the highest one only, and the last table compares them
+(throughput and worst time to first token, ratios to the first scheduler). Not a test: figures depend on the
+machine; read the ratios.
 
     .venv/bin/python bench/bench_routed_serving.py                        # starts `drllm serve`
     .venv/bin/python bench/bench_routed_serving.py --concurrency 8 --budgets 0.8 0.6 --max-tokens 32
+    .venv/bin/python bench/bench_routed_serving.py --schedulers plan fifo --max-batch-size 8
 """
 
 from __future__ import annotations
@@ -98,45 +105,81 @@ def main() -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.6])
     p.add_argument("--requests", type=int, default=0, help="requests per mode (default: max(4, 2 x concurrency))")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--schedulers", nargs="+", default=["plan"], choices=("plan", "fifo"))
+    p.add_argument("--no-mixed", action="store_true", help="skip the mixed full / budget 0.6 mode")
+    p.add_argument("--port", type=int, default=8020, help="port of the started server (0: any free one)")
     # weights read per token: the default model's 30 blocks of 3.54 M parameters and its 28.3 M-parameter head
     p.add_argument("--block-params", type=float, default=106.2e6 / 30)
     p.add_argument("--head-params", type=float, default=28.3e6)
     args = p.parse_args()
 
-    proc, url = (None, args.url) if args.url else start_server(args)
-    try:
-        version = httpx.get(url + "/version").json()
-        warm = httpx.post(url + "/v1/completions", timeout=300,
-                          json={"prompt": "Hi", "max_tokens": 2, "routing": "full"}).json()
-        L = warm["choices"][0]["routing"]["layers_total"]
-        print(f"model {version['model']}  routers {'on' if version.get('routers_loaded') else 'OFF'}  L={L}  "
-              f"max_tokens={args.max_tokens}  max_batch_size={args.max_batch_size}  server torch threads="
-              f"{version.get('torch_threads')}  bench torch.get_num_threads()={torch.get_num_threads()}")
-        modes: list[tuple[str, dict]] = [("full", {"routing": "full"})]
-        modes += [(f"budget {b:g}", {"budget": b}) for b in args.budgets]
-        full_cost = L * args.block_params + args.head_params
-        for c in args.concurrency:
-            n = args.requests or max(4, 2 * c)
-            base = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens, "temperature": 0,
-                     "ignore_eos": True} for i in range(n)]
-            print(f"\nconcurrency {c}, {n} requests per mode")
-            print(f"{'mode':<12}{'executions':>11}{'tok/s':>8}{'vs full':>9}{'ideal':>7}{'share of ideal gain':>21}"
-                  f"{'worst TTFT s':>14}{'median TTFT s':>15}")
-            full_tps = None
-            for name, knob in modes:
-                run = asyncio.run(run_mode(url, [{**b, **knob} for b in base], c))
-                ex = statistics.mean(run.executions) if run.executions else float(L)
-                ideal = full_cost / (ex * args.block_params + args.head_params)
-                full_tps = full_tps or run.tok_s
-                gain = run.tok_s / full_tps
-                share = (gain - 1) / (ideal - 1) if ideal > 1.0001 else float("nan")
-                print(f"{name:<12}{ex:>11.1f}{run.tok_s:>8.1f}{gain:>9.2f}{ideal:>7.2f}{share:>21.2f}"
-                      f"{max(run.ttft):>14.2f}{statistics.median(run.ttft):>15.2f}")
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+    if args.url and len(args.schedulers) > 1:
+        raise SystemExit("--url benches one running server: give one scheduler")
+    summary: dict[str, dict[str, Run]] = {}
+    for k, sched in enumerate(args.schedulers):
+        levels = args.concurrency if k == 0 else [max(args.concurrency)]
+        args.serve_args = ["--scheduler", sched]
+        proc, url = (None, args.url) if args.url else start_server(args)
+        try:
+            summary[sched] = bench_server(url, args, sched, levels)
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
+    if len(summary) > 1:
+        first = args.schedulers[0]
+        print(f"\nschedulers at concurrency {max(args.concurrency)}: tok/s and worst TTFT, ratio to {first}")
+        for name in summary[first]:
+            cells = []
+            for sched, runs in summary.items():
+                r, r0 = runs[name], summary[first][name]
+                cells.append(f"{sched} {r.tok_s:.1f} tok/s ({r.tok_s / r0.tok_s:.2f}x), worst TTFT "
+                             f"{max(r.ttft):.2f} s ({max(r.ttft) / max(r0.ttft):.2f}x)")
+            print(f"  {name:<12}" + "  |  ".join(cells))
     return 0
+
+
+def bench_server(url: str, args: argparse.Namespace, sched: str, levels: list[int]) -> dict[str, Run]:
+    """Every mode at every concurrency level against one server; -> the runs at the last level, by mode."""
+    version = httpx.get(url + "/version").json()
+    warm = httpx.post(url + "/v1/completions", timeout=300,
+                      json={"prompt": "Hi", "max_tokens": 2, "routing": "full"}).json()
+    L = warm["choices"][0]["routing"]["layers_total"]
+    print(f"\nscheduler {version.get('scheduler', sched)}: model {version['model']}  routers "
+          f"{'on' if version.get('routers_loaded') else 'OFF'}  L={L}  max_tokens={args.max_tokens}  "
+          f"max_batch_size={args.max_batch_size}  server torch threads={version.get('torch_threads')}  "
+          f"bench torch.get_num_threads()={torch.get_num_threads()}")
+    modes: list[tuple[str, dict | None]] = [("full", {"routing": "full"})]
+    modes += [(f"budget {b:g}", {"budget": b}) for b in args.budgets]
+    if not args.no_mixed:
+        modes.append(("mixed", None))
+    full_cost = L * args.block_params + args.head_params
+    runs: dict[str, Run] = {}
+    for c in levels:
+        n = args.requests or max(4, 2 * c)
+        base = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens, "temperature": 0,
+                 "ignore_eos": True} for i in range(n)]
+        print(f"\nconcurrency {c}, {n} requests per mode")
+        print(f"{'mode':<12}{'executions':>11}{'tok/s':>8}{'vs full':>9}{'ideal':>7}{'share of ideal gain':>21}"
+              f"{'worst TTFT s':>14}{'median TTFT s':>15}")
+        full_tps = None
+        for name, knob in modes:
+            bodies = [{**b, **(knob if knob is not None else
+                               ({"routing": "full"} if i % 2 == 0 else {"budget": 0.6}))}
+                      for i, b in enumerate(base)]
+            run = asyncio.run(run_mode(url, bodies, c))
+            runs[name] = run
+            # ideal: weights read per generated token, averaged over the requests (all have max_tokens)
+            cost = statistics.mean(e * args.block_params + args.head_params for e in run.executions) \
+                if run.executions else full_cost
+            ex = statistics.mean(run.executions) if run.executions else float(L)
+            ideal = full_cost / cost
+            full_tps = full_tps or run.tok_s
+            gain = run.tok_s / full_tps
+            share = (gain - 1) / (ideal - 1) if ideal > 1.0001 else float("nan")
+            print(f"{name:<12}{ex:>11.1f}{run.tok_s:>8.1f}{gain:>9.2f}{ideal:>7.2f}{share:>21.2f}"
+                  f"{max(run.ttft):>14.2f}{statistics.median(run.ttft):>15.2f}")
+    return runs
 
 
 if __name__ == "__main__":

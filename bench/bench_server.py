@@ -74,12 +74,14 @@ async def run(url: str, bodies: list[dict], concurrency: int) -> Result:
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = getattr(args, "port", None)
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--model", args.model,
            "--routers", args.routers, "--max-batch-size", str(args.max_batch_size), "--max-queue", "1024",
-           "--log-level", "warning"]
+           "--log-level", "warning", *getattr(args, "serve_args", [])]
     if args.device:
         cmd += ["--device", args.device]
     if args.torch_threads is not None:

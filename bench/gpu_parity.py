@@ -77,8 +77,8 @@ def checks(model: BaseModel, vocab: int, seed: int = 0) -> dict[str, float]:
     plans = torch.tensor([p.counts for p in plan_rows])
     seqs = torch.randint(0, vocab, (b, 12))
     worst = 0.0
-    for gather in (0, 10**9):
-        ex = RoutedExecutor(model, max_batch=b, subset_min_tokens=gather)
+    for gather in ("always", "never", "auto"):
+        ex = RoutedExecutor(model, max_batch=b, gather=gather)
         ex.forward(seqs[:, :8], torch.zeros(b, dtype=torch.long), plans=plans, lengths=torch.tensor(lengths))
         pos = torch.tensor(lengths)
         for _ in range(3):

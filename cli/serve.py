@@ -19,6 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* [DRLLM_API_KEY]")
     p.add_argument("--max-batch-size", type=int, help="rows decoded together (default 8) [DRLLM_MAX_BATCH_SIZE]")
     p.add_argument("--max-queue", type=int, help="waiting sequences before 429 (default 128) [DRLLM_MAX_QUEUE]")
+    p.add_argument("--scheduler", choices=("fifo", "plan"),
+                   help="admission: plan (plan-aware, default) or fifo (arrival order) [DRLLM_SCHEDULER]")
+    p.add_argument("--max-queue-wait-s", type=float,
+                   help="plan scheduler: a request waiting this long is admitted first (default 2) "
+                        "[DRLLM_MAX_QUEUE_WAIT_S]")
     p.add_argument("--served-model-name", help="model name clients send [DRLLM_SERVED_MODEL_NAME]")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available) [DRLLM_DEVICE]")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16 [DRLLM_DTYPE]")

@@ -63,11 +63,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 @dataclass
 class _Selection:
-    """Which rows run one (layer, repeat): all, none, or a subset as a mask [b, 1, 1] and indices [k]."""
+    """Which rows run one (layer, repeat): all, none, or a subset as a mask [b, 1, 1] and indices [k]
+    (`span` too when those rows are contiguous: then a gather is a view)."""
 
     count: int
     mask: torch.Tensor | None = None
     index: torch.Tensor | None = None
+    span: slice | None = None
 
 
 def _selection(col: list[int], repeat: int, device: torch.device) -> _Selection:
@@ -75,8 +77,19 @@ def _selection(col: list[int], repeat: int, device: torch.device) -> _Selection:
     k = sum(sel)
     if k in (0, len(sel)):
         return _Selection(k)
-    return _Selection(k, torch.tensor(sel, device=device)[:, None, None],
-                      torch.tensor([i for i, on in enumerate(sel) if on], device=device))
+    on = [i for i, s in enumerate(sel) if s]
+    span = slice(on[0], on[-1] + 1) if on[-1] - on[0] + 1 == k else None
+    return _Selection(k, torch.tensor(sel, device=device)[:, None, None], torch.tensor(on, device=device), span)
+
+
+GATHER_RULES = ("auto", "always", "never")
+
+
+def _index_rows(rows: torch.Tensor | slice, idx: torch.Tensor) -> torch.Tensor:
+    """Cache rows of the batch rows idx [k], where the batch's rows are `rows` (a slice or [b])."""
+    if isinstance(rows, slice):
+        return idx + rows.start
+    return rows[idx]
 
 
 class RoutedExecutor:
@@ -88,15 +101,25 @@ class RoutedExecutor:
     routing.fused). Rows that skip a block either ride along and keep their hidden state (few tokens:
     memory-bound, a gather costs as much as the block) or, from `subset_min_tokens` tokens in the forward
     on (prefill, large batches: compute-bound), are gathered so that the block runs only for the rows
-    that execute it."""
+    that execute it. In decode steps of mixed plans (`gather="auto"`) a block runs only for its rows whenever
+    its rows without copying any keys or values: contiguous rows as views, others by running the projections
+    and the MLP for them alone and attention for every row on cache views (cheap at one query per row). On CPU
+    a decode step at batch 8 is mostly compute (measured, default model, 1 thread: 43 ms for 2 rows, 86 ms
+    for 8), so a row that skips a block should not pay for it.
+
+    gather: "auto" (the rule above), "always" (every subset is gathered by index) or "never" (every subset
+    rides along: the old decode path); the last two exist for tests and benchmarks."""
 
     def __init__(self, model: BaseModel, max_batch: int = 1, attn_impl: str = "sdpa", capacity: int = 128,
-                 subset_min_tokens: int = 64, weight_layout: str = "auto"):
+                 subset_min_tokens: int = 64, weight_layout: str = "auto", gather: str = "auto"):
         if attn_impl not in ("sdpa", "eager"):
             raise ValueError("attn_impl must be 'sdpa' or 'eager'")
+        if gather not in GATHER_RULES:
+            raise ValueError(f"gather must be one of {GATHER_RULES}")
         self.model, self.spec, self.attn_impl = model, model.spec, attn_impl
         self.max_batch = max_batch
         self.subset_min_tokens = subset_min_tokens
+        self.gather = gather
         if weight_layout == "auto":  # see routing.fused.fuse: one row per matmul favours [in, out] on CPU
             cpu32 = model.device.type == "cpu" and model.dtype == torch.float32
             weight_layout = "in_out" if cpu32 and max_batch == 1 else "out_in"
@@ -115,10 +138,15 @@ class RoutedExecutor:
 
     def _block(self, layer: int, repeat: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                pos: torch.Tensor | slice, rows: torch.Tensor | slice, key_len: int, mask: torch.Tensor | None,
-               causal: bool) -> torch.Tensor:
+               causal: bool, only: torch.Tensor | None = None) -> torch.Tensor:
         # h: [b, n, d]; rope: (cos, signed sin) [b, n, 1, D]; pos: [b, n] cache positions, or one slice
-        # shared by all rows
+        # shared by all rows. only: [k] row indices; the block runs for those rows (the others' h is
+        # returned unchanged): their projections and MLP alone, attention for all b rows on cache views (a
+        # read, no copy; the other rows' attention outputs are dropped)
         blk = self.blocks[layer]
+        full_h = h
+        if only is not None:
+            h, rope = h[only], (rope[0][only], rope[1][only])
         b, n, _ = h.shape
         H, K, D = self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim
         qkv = blk.qkv(rms_norm(h, blk.in_norm, blk.eps)).view(b, n, H + 2 * K, D)
@@ -130,12 +158,20 @@ class RoutedExecutor:
         qk = qkv[:, :, : H + K]
         rolled = qk.roll(D // 2, -1)
         qk.mul_(rope[0]).addcmul_(rolled, rope[1])
-        self.cache.write(layer, repeat, rows, pos, qkv[:, :, H:])
+        q = qkv[:, :, :H]
+        if only is None:
+            self.cache.write(layer, repeat, rows, pos, qkv[:, :, H:])
+        else:
+            self.cache.write(layer, repeat, _index_rows(rows, only), pos if isinstance(pos, slice) else pos[only], qkv[:, :, H:])
+            q = q.new_zeros(full_h.shape[0], n, H, D).index_copy_(0, only, q)
         keys, values = self.cache.read(layer, repeat, rows, key_len)
-        o = attention(qkv[:, :, :H].transpose(1, 2), keys, values, mask, blk.scale, self.attn_impl, causal)
-        h = h + blk.o(o.transpose(1, 2).reshape(b, n, H * D))
+        o = attention(q.transpose(1, 2), keys, values, mask, blk.scale, self.attn_impl, causal).transpose(1, 2)
+        if only is not None:
+            o = o[only]
+        h = h + blk.o(o.reshape(b, n, H * D))
         gate, up = blk.gate_up(rms_norm(h, blk.post_norm, blk.eps)).chunk(2, -1)
-        return h + blk.down(blk.act(gate) * up)
+        h = h + blk.down(blk.act(gate) * up)
+        return h if only is None else full_h.index_copy(0, only, h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: h [..., d] -> logits [..., V] (the model's own head, through Proj)."""
@@ -148,6 +184,17 @@ class RoutedExecutor:
             self._plans_sel = [(_selection(c, 0, device), _selection(c, 1, device)) for c in counts.t().tolist()]
             self._plans_key = key
         return self._plans_sel
+
+    def _subset_path(self, sel: _Selection, b: int, n: int) -> str:
+        """How a block runs for a subset of the rows: "gather" (index the rows out: h, rope, mask and their
+        keys/values, a copy), "view" (contiguous rows: slices, no copy), "project" (projections and MLP for
+        the subset only, attention for every row on cache views) or "ride" (every row runs the block, the
+        others keep their h)."""
+        if self.gather == "never":
+            return "ride"
+        if self.gather == "always" or b * n >= self.subset_min_tokens:  # compute-bound: prefill
+            return "gather"
+        return "view" if sel.span is not None else "project"
 
     @torch.inference_mode()
     def forward(
@@ -208,7 +255,6 @@ class RoutedExecutor:
         rope = (cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), -1).unsqueeze(2))
         entering: list[torch.Tensor] | None = [] if capture else None
         selections = None if decide is not None else self._selections(counts, dev)
-        gather = b * n >= self.subset_min_tokens
 
         for layer in range(first, L if stop is None else stop):
             if entering is not None:
@@ -225,11 +271,26 @@ class RoutedExecutor:
                     continue
                 if sel.count == b:
                     h = self._block(layer, repeat, h, rope, span or pos, row_ref, key_len, mask, causal)
-                elif not gather:
-                    # few tokens (decode): memory-bound, so every row runs and the skipping rows keep their
-                    # h; they write a cache slot they never read
+                    continue
+                path = self._subset_path(sel, b, n)
+                if path == "ride":
+                    # every row runs and the skipping rows keep their h; they write a cache slot they never
+                    # read
                     out = self._block(layer, repeat, h, rope, span or pos, row_ref, key_len, mask, causal)
                     h = torch.where(sel.mask, out, h)
+                elif path == "project":
+                    assert sel.index is not None
+                    h = self._block(layer, repeat, h, rope, span or pos, row_ref, key_len, mask, causal,
+                                    only=sel.index)
+                elif path == "view":
+                    assert sel.span is not None  # contiguous rows: views of h, rope, positions and the cache
+                    r = sel.span
+                    sub_rows = (slice(row_ref.start + r.start, row_ref.start + r.stop)
+                                if isinstance(row_ref, slice) else row_ref[r])
+                    sub_mask = None if mask is None else mask[r]
+                    out = self._block(layer, repeat, h[r], (rope[0][r], rope[1][r]), span or pos[r], sub_rows,
+                                      key_len, sub_mask, causal)
+                    h = torch.cat((h[: r.start], out, h[r.stop:]))
                 else:
                     idx = sel.index
                     assert idx is not None

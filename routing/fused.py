@@ -16,20 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import Int8Linear, int8_linear
+from .quant import Int8Linear, int8_linear, prepack_int8
 
 
 @dataclass
 class Proj:
-    """One matmul: float `weight` [out, in], or int8 `weight` with per-row `scale` [out]."""
+    """One matmul: float `weight` [out, in], or int8 `weight` with per-row `scale` [out] (and its fbgemm
+    pack, `routing.quant.prepack_int8`)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    packed: object | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
-            return int8_linear(x, self.weight, self.scale, self.bias)
+            return int8_linear(x, self.weight, self.scale, self.bias, self.packed)
         m = x.numel() // x.shape[-1]
         w = self.weight
         if (1 < m <= 64 and w.shape[0] >= w.shape[1] and w.is_contiguous() and x.device.type == "cpu"
@@ -79,7 +81,7 @@ def fuse(mods: Sequence[nn.Module], layout: str = "out_in") -> Proj:
         if bias is not None and m.bias is not None:
             _repoint(m, "bias", bias[row: row + n])
         row += n
-    return Proj(weight, bias, scale)
+    return Proj(weight, bias, scale, prepack_int8(weight, scale, bias) if scale is not None else None)
 
 
 def _repoint(m: nn.Module, name: str, view: torch.Tensor) -> None:

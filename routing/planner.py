@@ -35,6 +35,10 @@ class Planner(Protocol):
     def prefill(self, executor: RoutedExecutor, tokens: torch.Tensor, rows: torch.Tensor,
                 lengths: torch.Tensor, requests: list[PlanRequest], all_logits: bool = False) -> PrefillResult: ...
 
+    def expected_plan(self, req: PlanRequest, n_layers: int) -> LayerPlan:
+        """The plan this request will most likely run, known before its prefill (for admission)."""
+        ...
+
 
 def fixed_plan(req: PlanRequest, n_layers: int) -> LayerPlan:
     return req.plan if req.plan is not None else LayerPlan.full(n_layers)
@@ -46,6 +50,9 @@ def plans_tensor(plans: list[LayerPlan]) -> torch.Tensor:
 
 class FixedPlanner:
     """No routers: each row runs its own fixed plan, or every block once."""
+
+    def expected_plan(self, req: PlanRequest, n_layers: int) -> LayerPlan:
+        return fixed_plan(req, n_layers)
 
     def prefill(self, executor: RoutedExecutor, tokens: torch.Tensor, rows: torch.Tensor,
                 lengths: torch.Tensor, requests: list[PlanRequest], all_logits: bool = False) -> PrefillResult:

@@ -49,15 +49,19 @@ class RoutingPolicy:
         """logits [b, 3] over (skip, execute, repeat) -> counts [b] (long)."""
         if self.skip_threshold is None and self.repeat_threshold is None:
             return logits.argmax(-1)
-        p = torch.softmax(logits.float(), -1)
+        # one softmax, then the rule per row on the host (a routed prefill calls this once per layer: a dozen
+        # tiny tensor ops would cost more than the router). Thresholds are compared in float32, as a tensor
+        # comparison with a Python scalar would.
         big = 2.0  # above any probability
-        ts = big if self.skip_threshold is None else self.skip_threshold
-        tr = big if self.repeat_threshold is None else self.repeat_threshold
-        skip, rep = p[:, SKIP] >= ts, p[:, REPEAT] >= tr
-        both = skip & rep
-        skip = skip & (~both | (p[:, SKIP] >= p[:, REPEAT]))
-        rep = rep & ~skip
-        return torch.where(skip, SKIP, torch.where(rep, REPEAT, EXECUTE)).long()
+        ts = big if self.skip_threshold is None else _f32(self.skip_threshold)
+        tr = big if self.repeat_threshold is None else _f32(self.repeat_threshold)
+        out = []
+        for p_skip, _, p_rep in torch.softmax(logits.float(), -1).tolist():
+            skip, rep = p_skip >= ts, p_rep >= tr
+            if skip and rep:  # both pass: the likelier one (skip on a tie)
+                skip = p_skip >= p_rep
+            out.append(SKIP if skip else REPEAT if rep else EXECUTE)
+        return torch.tensor(out, dtype=torch.long)
 
     def apply_budget(self, counts: list[int], logits: list[list[float]], budget: float | None) -> list[int]:
         if self.budget_rule == "static":
@@ -66,6 +70,11 @@ class RoutingPolicy:
 
 
 BUDGET_RULES = ("margin", "static")
+
+
+def _f32(x: float) -> float:
+    """x rounded to float32 (how torch compares a float32 tensor with a Python scalar)."""
+    return float(torch.tensor(x, dtype=torch.float32))
 
 
 def apply_budget(counts: list[int], logits: list[list[float]], budget: float | None) -> list[int]:

@@ -73,11 +73,18 @@ class Routers(nn.Module):
         )
 
     def layer_logits(self, layer: int, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """hidden [b, n, d] entering block `layer` -> decision logits [b, 3] (float32)."""
+        """hidden [b, n, d] entering block `layer` -> decision logits [b, 3] (float32).
+
+        `Router.averaged` in five kernels (two batched matmuls, two addmm on the modules' transposed
+        weights, one GELU) and no reshaping copies: 30 of these run inside every routed prefill."""
         router = self.layers[layer]
         dev = router.fc1.weight.device
-        weights, avg = self._weights(lengths, hidden.shape[1], dev)
-        return router.averaged(weights @ hidden.to(dev, torch.float32), avg)
+        weights, avg = self._weights(lengths, hidden.shape[1], dev)  # [b, W, n], [b, 1, W]
+        b, w = weights.shape[0], weights.shape[1]
+        pooled = torch.bmm(weights, hidden.to(dev, torch.float32))  # [b, W, d]
+        g = router.act(torch.addmm(router.fc1.bias, pooled.view(b * w, -1), router.fc1.weight.t()))  # [bW, k]
+        mixed = torch.bmm(avg, g.view(b, w, -1)).view(b, -1)  # [b, k]: the windows' mean activation
+        return torch.addmm(router.fc2.bias, mixed, router.fc2.weight.t())
 
     def _weights(self, lengths: torch.Tensor, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # every layer of one prefill pools the same tokens: build the weights once
@@ -85,7 +92,7 @@ class Routers(nn.Module):
         if getattr(self, "_pool_key", None) != key:
             self._pool_key = key
             weights, valid = pooling_weights(lengths, n, self.config.window, torch.float32, device)
-            self._pool = (weights, window_average(valid, torch.float32))
+            self._pool = (weights, window_average(valid, torch.float32).unsqueeze(1))
         return self._pool
 
     def n_parameters(self) -> int:

@@ -19,6 +19,30 @@ __all__ = ["RouterCheckpointError", "RouterConfig", "RouterPlanner", "Routers", 
            "apply_budget_static", "load_routers", "save_routers"]
 
 
+# a re-run call's fixed cost per block it runs, in token-rows of compute (reading the block's weights once):
+# see routing.generation.PREFILL_CALL_TOKENS
+RERUN_CALL_TOKENS = {"cpu": 48, "cuda": 4096}
+
+
+def merge_reruns(by_layer: dict[int, list[int]], lengths: list[int], n_layers: int,
+                 call_tokens: int) -> list[tuple[int, list[int]]]:
+    """Re-run calls for over-budget rows: (first layer, rows), from rows grouped by their first demoted layer.
+
+    A group resuming at a later layer f joins the call of the previous (earlier) one, f0, when recomputing
+    its blocks f0..f-1 (identical inputs and plans there, so the same states) costs less than a call of
+    its own: (f - f0) x its tokens < call_tokens x (L - f) token-block units."""
+    merged: list[tuple[int, list[int]]] = []
+    for f in sorted(by_layer):
+        rows = by_layer[f]
+        if merged:
+            f0, prev = merged[-1]
+            if (f - f0) * sum(lengths[i] for i in rows) < call_tokens * (n_layers - f):
+                prev.extend(rows)
+                continue
+        merged.append((f, list(rows)))
+    return merged
+
+
 class RouterPlanner:
     """Decides each routed row's plan during its prefill; rows with fixed plans or routing="full" ride
     along in the same batch. Over-budget rows are re-run from their first demoted layer."""
@@ -26,6 +50,17 @@ class RouterPlanner:
     def __init__(self, routers: Routers, policy: RoutingPolicy | None = None) -> None:
         self.routers = routers
         self.policy = policy or getattr(routers, "policy", None) or RoutingPolicy()
+
+    def expected_plan(self, req: PlanRequest, n_layers: int) -> LayerPlan:
+        """Before the prefill: a fixed or full plan is exact; a budgeted request under the static rule is
+        expected to skip the first blocks of the budget order (the routers' own free skips are not known
+        until their prefill, so a routed request without that rule is expected to run every block)."""
+        if req.plan is not None or req.routing == "full" or req.budget is None \
+                or self.policy.budget_rule != "static":
+            return fixed_plan(req, n_layers)
+        full = [1] * n_layers
+        zeros = [[0.0, 0.0, 0.0]] * n_layers
+        return LayerPlan(tuple(apply_budget_static(full, zeros, req.budget, self.policy.budget_order)))
 
     def prefill(self, executor: RoutedExecutor, tokens: torch.Tensor, rows: torch.Tensor,
                 lengths: torch.Tensor, requests: list[PlanRequest], all_logits: bool = False) -> PrefillResult:
@@ -63,7 +98,8 @@ class RouterPlanner:
                 first = int((counts[i] != out.counts[i]).nonzero()[0])
                 by_layer.setdefault(first, []).append(i)
             assert out.entering is not None
-            for first, idx in by_layer.items():
+            call = RERUN_CALL_TOKENS.get(executor.model.device.type, RERUN_CALL_TOKENS["cuda"])
+            for first, idx in merge_reruns(by_layer, lengths.tolist(), L, call):
                 ix = torch.tensor(idx)
                 h = out.entering[first][ix.to(out.entering[first].device)]
                 res = executor.forward(tokens[ix], start[ix], plans=counts[ix], rows=rows[ix],

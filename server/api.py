@@ -93,7 +93,7 @@ async def health(engine: EngineDep) -> Response:
 async def version(engine: EngineDep) -> dict[str, object]:
     return {"version": importlib.metadata.version("drllm"), "model": engine.model_name,
             "state": engine.state.value, "routers": engine.settings.routers, "routers_loaded": engine.has_routers,
-            "torch_threads": engine.torch_threads}
+            "torch_threads": engine.torch_threads, "scheduler": engine.settings.scheduler}
 
 
 @router.get("/metrics", response_class=PlainTextResponse,

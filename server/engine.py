@@ -280,7 +280,8 @@ class Engine:
         assert self.model is not None
         chunk = CHUNK_TOKENS.get(self.model.device.type, CHUNK_TOKENS["cuda"])
         return BatchGenerator(self.model, max_batch=self.settings.max_batch_size, planner=planner,
-                              long_prompt=4 * chunk, chunk_tokens=chunk)
+                              long_prompt=4 * chunk, chunk_tokens=chunk, scheduler=self.settings.scheduler,
+                              max_wait_s=self.settings.max_queue_wait_s)
 
     def _loop(self) -> None:
         gen = self._gen

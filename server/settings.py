@@ -24,6 +24,10 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
     max_batch_size: int = Field(8, ge=1, le=256)  # rows decoded together
     max_queue: int = Field(128, ge=1)  # sequences waiting for a batch row; more -> 429
+    # who takes free batch rows: "plan" (rows that skip the same blocks decode together, aging bounds the
+    # wait) or "fifo" (arrival order, routing-blind); see routing.generation.BatchGenerator._plan_order
+    scheduler: Literal["fifo", "plan"] = "plan"
+    max_queue_wait_s: float = Field(2.0, ge=0)  # plan scheduler: waiting this long goes first (arrival order)
     served_model_name: str | None = None  # the name clients send as `model` (default: the model's name)
     device: str | None = None  # cpu, cuda, cuda:1 (default: cuda if available)
     dtype: str = "auto"

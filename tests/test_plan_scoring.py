@@ -223,3 +223,22 @@ def test_search_order_ranks_blocks_by_how_often_they_were_skippable() -> None:
     recs = [{"target": [1, 0, 1, 0]}, {"target": [1, 0, 0, 1]}, {"target": [0, 0, 1, 1]}]
     order, share = search_order(recs)
     assert order == [1, 0, 2, 3] and share == pytest.approx([1 / 3, 1.0, 1 / 3, 1 / 3])
+
+
+def test_policy_decide_equals_the_tensor_rule_at_and_around_its_thresholds() -> None:
+    """decide() applies the guard per row on the host; it must equal the rule written with tensor ops
+    (float32 probabilities against the thresholds), also at probabilities that land on a threshold."""
+    def tensor_rule(logits: torch.Tensor, ts: float, tr: float) -> torch.Tensor:
+        p = torch.softmax(logits.float(), -1)
+        skip, rep = p[:, 0] >= ts, p[:, 2] >= tr
+        skip = skip & (~(skip & rep) | (p[:, 0] >= p[:, 2]))
+        return torch.where(skip, 0, torch.where(rep & ~skip, 2, 1)).long()
+
+    torch.manual_seed(0)
+    logits = torch.randn(4000, 3) * 3
+    at = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.3, 0.1, 0.6], [0.45, 0.1, 0.45], [0.2, 0.2, 0.6]]))
+    logits = torch.cat([logits, at, at + 1e-7])
+    for ts, tr in ((0.6, 0.9), (0.4, 0.4), (0.6, 0.6), (0.3, 0.2)):
+        got = RoutingPolicy(skip_threshold=ts, repeat_threshold=tr).decide(logits)
+        assert torch.equal(got, tensor_rule(logits, ts, tr)), (ts, tr)
+        assert set(got.tolist()) == {0, 1, 2}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import random_routers, tiny_model
+from tiny import random_routers, reference_logits, tiny_model
 
 from routing.executor import RoutedExecutor
 from routing.generation import BatchGenerator, GenerationRequest
@@ -263,3 +263,52 @@ def test_checkpoint_refusals(tmp_path, case: str) -> None:
     with pytest.raises(RouterCheckpointError) as e:
         load_routers(d, model)
     assert str(e.value)
+
+
+def test_merge_reruns_joins_a_later_group_when_recomputing_is_cheaper_than_a_call() -> None:
+    from routing.routers import merge_reruns
+    groups = {5: [2], 1: [0, 3], 4: [1]}
+    lengths = [4, 4, 100, 4]
+    assert merge_reruns(groups, lengths, 6, 1000) == [(1, [0, 3, 1, 2])]
+    assert merge_reruns(groups, lengths, 6, 0) == [(1, [0, 3]), (4, [1]), (5, [2])]
+    # row 1 joins (3 blocks x 4 tokens < 8 x 2); row 2 (100 tokens) is cheaper in its own call
+    assert merge_reruns(groups, lengths, 6, 8) == [(1, [0, 3, 1]), (5, [2])]
+
+
+@pytest.mark.parametrize("call_tokens", [0, 10**6], ids=["one-call-per-layer", "merged"])
+def test_budgeted_rows_rerun_together_or_apart_equal_fresh_prefills(call_tokens: int,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows over budget with different first demoted layers: re-run per layer or merged into one call from
+    the earliest (their earlier blocks recomputed), each row's logits and cache equal a fresh prefill of its
+    capped plan, and cached decode goes on from there."""
+    from routing import routers as routers_mod
+    monkeypatch.setitem(routers_mod.RERUN_CALL_TOKENS, "cpu", call_tokens)
+    model = tiny_model("llama")
+    planner = RouterPlanner(random_routers(model, 8))
+    b = 4
+    tokens = torch.randint(0, 96, (b, 7), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([7, 5, 6, 3])
+    reqs = [PlanRequest(budget=x) for x in (0.2, 0.5, 0.8, 0.34)]
+    ex = RoutedExecutor(model, max_batch=b)
+    calls = []
+    orig = ex.forward
+    monkeypatch.setattr(ex, "forward", lambda *a, **k: calls.append(k.get("resume")) or orig(*a, **k))
+    res = planner.prefill(ex, tokens, torch.arange(b), lengths, reqs)
+    reruns = [c for c in calls if c is not None]
+    firsts = {int((torch.tensor(p.counts) != torch.tensor(free.counts)).nonzero()[0])
+              for p, free in zip(res.plans, RouterPlanner(planner.routers).prefill(
+                  RoutedExecutor(model, max_batch=b), tokens, torch.arange(b), lengths,
+                  [PlanRequest()] * b).plans, strict=True) if p != free}
+    assert len(firsts) >= 2  # the case this test is about
+    assert len(reruns) == (1 if call_tokens else len(firsts))
+    for i in range(b):
+        n = int(lengths[i])
+        ref = reference_logits(model, res.plans[i], tokens[i: i + 1, :n])[0, -1]
+        torch.testing.assert_close(res.logits[i], ref, atol=1e-5, rtol=0)
+    step = torch.randint(0, 96, (b, 1))
+    out = orig(step, lengths, plans=torch.tensor([p.counts for p in res.plans]))
+    for i in range(b):
+        n = int(lengths[i])
+        seq = torch.cat([tokens[i, :n], step[i]])[None]
+        torch.testing.assert_close(out.logits[i], reference_logits(model, res.plans[i], seq)[0, -1], atol=1e-5,
+                                   rtol=0)
