@@ -58,10 +58,10 @@ def _skip_order(spec: str | None, L: int) -> tuple[int, ...]:
     if not spec:
         return ()
     if Path(spec).is_dir():
-        from ..policy import RoutingPolicy
+        from routing.checkpoint import read_meta
+        from routing.policy import RoutingPolicy
 
-        meta = json.loads((Path(spec) / "router.json").read_text())
-        order = RoutingPolicy.from_dict(meta.get("policy")).budget_order
+        order = RoutingPolicy.from_dict(read_meta(Path(spec)).get("policy")).budget_order
     else:
         order = tuple(int(x) for x in spec.split(",") if x.strip())
     if len(set(order)) != len(order) or not all(0 <= i < L for i in order):

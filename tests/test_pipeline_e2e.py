@@ -111,3 +111,24 @@ def test_evaluator_memoizes_scores_per_example_and_plan() -> None:
     assert again[:2] == first[:2]
     fresh = PlanScorer(model, max_rows=16).score([(items[2].enc, skip)])[0]
     assert again[2].cont_logprob == pytest.approx(fresh.cont_logprob, abs=1e-5)
+
+
+def test_skip_order_from_a_list_or_a_checkpoint(tmp_path: Path) -> None:
+    """--order takes a comma list or a router checkpoint's budget_order (regression: after the move to cli/,
+    the checkpoint branch imported `..policy` beyond the top-level package and raised ImportError)."""
+    from cli.pipeline import _skip_order
+    from routing.policy import RoutingPolicy
+
+    assert _skip_order("3, 1,2", 6) == (3, 1, 2) and _skip_order(None, 6) == ()
+    model = toy_model(seed=2)
+    L = model.spec.n_layers
+    routers, _ = train_routers(precompute(model, [[1, 2, 3]], [[1] * L], window=4),
+                               RouterConfig(L, model.spec.hidden_size, window=4, bottleneck=8),
+                               TrainConfig(epochs=1, val_fraction=0), progress=False)
+    ck = save_routers(tmp_path / "ck", routers, model)
+    order = tuple(reversed(range(L)))
+    update_meta(ck, policy=RoutingPolicy(budget_rule="static", budget_order=order).to_dict())
+    assert _skip_order(str(ck), L) == order
+    for bad in ("0,0", f"0,{L}", "-1"):
+        with pytest.raises(ValueError, match="distinct blocks"):
+            _skip_order(bad, L)
