@@ -160,7 +160,7 @@ class Evaluator:
                 out[i] = -math.inf
         encs = [encode_fidelity(list(items[i].enc.ids), a) for i, a in scorable]
         got = self.scorer.score([(e, self.full) for e in encs])
-        base = self.scorer.score([(items[i].enc, self.full) for i, _ in scorable])
+        base = self.scores([items[i] for i, _ in scorable], [self.full] * len(scorable))  # once per prompt
         for (i, _), e, s, f in zip(scorable, encs, got, base, strict=True):
             out[i] = mean_logprob(e, s) - mean_logprob(items[i].enc, f)
         return [out[i] for i in todo]
