@@ -14,8 +14,8 @@ seconds on the prompt (the generator asks for about one recent decode step while
 chunk's cost is estimated, not assumed constant: one unit is one token through one block's matmuls, and
 attention adds `keys / keys_per_unit` per token (keys_per_unit = the keys whose attention costs as much as
 a token's matmuls, from the model's shapes), so a chunk near the end of a long prompt counts for more
-than one at its start. Seconds per unit are measured as the chunks run, and a slice pauses *before* a
-chunk that would overrun its time (never after), so a slice stays within its budget plus nothing. The
+than one at its start. A slice pauses before its next chunk once its units or its time are used up, so
+it overruns its time by at most one chunk (timed with a device synchronisation on CUDA). The
 steps that are not chunks are kept small too: block l's KV slots grow when the prefill reaches block l
 (`SlotKVCache.reserve(length, layers)`: 1/L of the growth per step, not all of it at once, and to the
 sequence's final length, so its first decode step does not grow them again), the prompt's logits for
@@ -126,42 +126,25 @@ class LayerMajorExecutor:
         self.head_units = spec.vocab_size * d / per_token  # the LM head over one token, in units
         self._spent = 0.0
         self._t0 = time.perf_counter()
-        self._rate: float | None = None  # measured seconds per unit (moving average)
 
     def cost(self, rows: int, tokens: int, keys: float) -> float:
         """Estimated cost of one block execution over `tokens` new tokens of `rows` rows that attend to
         `keys` keys on average, in units (one unit: one token through one block's matmuls)."""
         return rows * tokens * (1.0 + keys / self.keys_per_unit)
 
-    def _spend(self, units: float) -> None:
-        """Before work of `units`: pause first when it would overrun this slice's unit or time budget (the
-        time predicted at the measured rate); a slice always gets at least one piece of work."""
-        if self._spent:
-            limit = self._time_budget()
-            late = limit is not None and self._rate is not None and \
-                time.perf_counter() - self._t0 + self._rate * units > limit
-            if late or self._spent + units > self.budget:
-                self._pause()
-                self._spent = 0.0
-        if not self._spent:
-            self._t0 = time.perf_counter()
-        self._spent += units
-
-    def _measured(self, units: float, seconds: float) -> None:
-        rate = seconds / max(units, 1e-9)
-        self._rate = rate if self._rate is None else 0.7 * self._rate + 0.3 * rate
-
     @property
     def n_layers(self) -> int:
         return self.inner.n_layers
 
-    def _spend(self, units: int) -> None:
+    def _spend(self, units: float) -> None:
+        """Before work of `units`: pause first when this slice has used its unit budget, or its time budget
+        has already run out; a slice always gets at least one piece of work."""
         if self._spent:
             limit = self._time_budget()
             late = limit is not None and time.perf_counter() - self._t0 > limit
             if late or self._spent + units > self.budget:
                 self._pause()
-                self._spent = 0
+                self._spent = 0.0
         if not self._spent:
             self._t0 = time.perf_counter()
         self._spent += units
@@ -196,14 +179,12 @@ class LayerMajorExecutor:
                 z = min(n, a + self.chunk_tokens)
                 units = runs * self.cost(b, z - a, s0 + (a + z) / 2)
                 self._spend(units)
-                t0 = time.perf_counter()
                 out = self.inner.forward(tokens[:, a:z], start + a, plans=counts, rows=rows,
                                          resume=(layer, h[:, a:z]), stop=layer + 1)
                 assert out.hidden is not None
                 out_h[:, a:z] = out.hidden
-                if out_h.device.type == "cuda":  # kernels run asynchronously: time the work, not its launch
+                if out_h.device.type == "cuda":  # kernels run asynchronously: the slice's clock must see the work
                     torch.cuda.synchronize(out_h.device)
-                self._measured(units, time.perf_counter() - t0)
             h = out_h
         if all_logits:  # [b, n, V]: the head over every prompt token is a prefill's worth of work: chunk it
             parts = []

@@ -281,7 +281,7 @@ def test_chunked_prefill_slices_are_sized_by_cost() -> None:
     assert len(layer0[0]) > len(layer0[-2]) >= 1
 
 
-def test_chunked_prefill_pauses_before_a_chunk_that_would_run_late() -> None:
+def test_chunked_prefill_pauses_once_the_time_budget_is_spent() -> None:
     """With a time budget shorter than any chunk, every slice runs exactly one chunk (never two)."""
     slices, _, _ = _sliced_prefill(60, 4, 1e9, time_budget=1e-9)
     assert all(len(s) == 1 for s in slices[:-1]) and not slices[-1]
