@@ -17,9 +17,11 @@ class RoutingPolicy:
 
     Guard: a router deviates from "execute" only when its probability for skip (or repeat) reaches
     `skip_threshold` (`repeat_threshold`); an unsure router executes. None: plain argmax (the paper's rule).
-    Budget: `budget_rule` "margin" demotes the decision the routers are least sure of; "static" first
-    demotes repeats, then skips the executed blocks in `budget_order` (blocks whose removal hurts least
-    first, measured on calibration data), so a tight budget never strips a block the whole model needs."""
+    Budget: `budget_rule` "margin" demotes, after the prefill, the decision the routers are least sure of
+    (`apply_budget`; the prefill re-runs from the first demoted block). "static" skips the first blocks of
+    `budget_order` (blocks whose removal hurts least first, measured on calibration data) *while* the
+    routers decide (`StaticBudget`), so a tight budget never strips a block the whole model needs, the
+    routers see the residual stream of the plan that actually runs, and the prefill needs no re-run."""
 
     skip_threshold: float | None = None
     repeat_threshold: float | None = None
@@ -63,10 +65,12 @@ class RoutingPolicy:
             out.append(SKIP if skip else REPEAT if rep else EXECUTE)
         return torch.tensor(out, dtype=torch.long)
 
-    def apply_budget(self, counts: list[int], logits: list[list[float]], budget: float | None) -> list[int]:
-        if self.budget_rule == "static":
-            return apply_budget_static(counts, logits, budget, self.budget_order)
-        return apply_budget(counts, logits, budget)
+    def static_budget(self, budget: float, n_layers: int) -> StaticBudget:
+        """The "static" rule's decision filter for one prefill row under `budget` (see `StaticBudget`).
+        Raises ValueError for another rule or a budget outside (0, 2]."""
+        if self.budget_rule != "static":
+            raise ValueError("static_budget needs the static budget rule")
+        return StaticBudget(budget, n_layers, self.budget_order)
 
 
 BUDGET_RULES = ("margin", "static")
@@ -96,26 +100,44 @@ def apply_budget(counts: list[int], logits: list[list[float]], budget: float | N
     return out
 
 
-def apply_budget_static(counts: list[int], logits: list[list[float]], budget: float | None,
-                        order: tuple[int, ...]) -> list[int]:
-    """Cap a routed plan at `execution_cap(budget, L)` executions: repeats are demoted first (least sure
-    first, as in `apply_budget`), then executed blocks are skipped in `order` (least important first;
-    blocks missing from `order` go last, in layer order). Same guarantees as `apply_budget`."""
-    if budget is None:
-        return list(counts)
-    L = len(counts)
-    cap = execution_cap(budget, L)
-    out = list(counts)
-    total = sum(out)
-    while total > cap and any(c == REPEAT for c in out):
-        best = min((lg[REPEAT] - lg[EXECUTE], i) for i, (c, lg) in enumerate(zip(out, logits, strict=True)) if c == REPEAT)
-        out[best[1]] = EXECUTE
-        total -= 1
-    rank = list(dict.fromkeys([*order, *range(L)]))
-    for i in rank:
-        if total <= cap:
-            break
-        if out[i] == EXECUTE:
-            out[i] = SKIP
-            total -= 1
-    return out
+class StaticBudget:
+    """The "static" budget rule, applied layer by layer while the routers decide a row's plan.
+
+    With cap = `execution_cap(budget, L)`, the blocks that the rule skips up front are the first L - cap
+    blocks of `order` (least important first; blocks missing from `order` follow in layer order): their
+    routers are overruled. Every other block takes its router's (guarded) decision, except that a repeat is
+    granted only while the plan still fits the cap with every later block not skipped up front executed once,
+    and the last block that could run is executed when nothing ran before it. So a plan never exceeds the
+    cap, at least one block always runs, the routers' own skips come on top of the budget's (they never
+    make the rule run a block it skips up front), and since each decision is final when made, the prefill
+    along the decisions is the prefill of the plan: no re-run. `preskip` is also the plan a budgeted
+    request is expected to follow before its prefill (the scheduler's estimate).
+
+    Raises ValueError for a budget outside (0, 2]."""
+
+    def __init__(self, budget: float, n_layers: int, order: tuple[int, ...]) -> None:
+        self.cap = execution_cap(budget, n_layers)
+        rank = list(dict.fromkeys([*(i for i in order if 0 <= i < n_layers), *range(n_layers)]))
+        skipped = set(rank[: max(0, n_layers - self.cap)])
+        self.preskip = tuple(i in skipped for i in range(n_layers))
+        # _later[k]: blocks after k that are not skipped up front (each assumed to run once)
+        self._later = [sum(not s for s in self.preskip[k + 1:]) for k in range(n_layers)]
+        self.spent = 0  # executions decided so far
+
+    def plan(self) -> tuple[int, ...]:
+        """The plan when every router says execute: (0 where skipped up front, else 1) per block."""
+        return tuple(SKIP if s else EXECUTE for s in self.preskip)
+
+    def step(self, layer: int, decision: int) -> int:
+        """Block `layer`'s count (0, 1 or 2) given its router's decision; call once per block, in order."""
+        later = self._later[layer]
+        if self.preskip[layer]:
+            count = SKIP
+        elif decision == REPEAT and self.spent + REPEAT + later > self.cap:
+            count = EXECUTE
+        elif decision == SKIP and self.spent == 0 and later == 0:
+            count = EXECUTE  # the last block that can run, and none ran: a plan runs at least one block
+        else:
+            count = decision
+        self.spent += count
+        return count

@@ -12,11 +12,11 @@ from .checkpoint import RouterCheckpointError, load_routers, save_routers
 from .executor import RoutedExecutor
 from .plan import LayerPlan
 from .planner import PlanRequest, PrefillResult, fixed_plan, plans_tensor
-from .policy import RoutingPolicy, apply_budget, apply_budget_static
+from .policy import RoutingPolicy, StaticBudget, apply_budget
 from .router_net import RouterConfig, Routers
 
-__all__ = ["RouterCheckpointError", "RouterConfig", "RouterPlanner", "Routers", "RoutingPolicy", "apply_budget",
-           "apply_budget_static", "load_routers", "save_routers"]
+__all__ = ["RouterCheckpointError", "RouterConfig", "RouterPlanner", "Routers", "RoutingPolicy", "StaticBudget",
+           "apply_budget", "load_routers", "save_routers"]
 
 
 # a re-run call's fixed cost per block it runs, in token-rows of compute (reading the block's weights once):
@@ -45,7 +45,8 @@ def merge_reruns(by_layer: dict[int, list[int]], lengths: list[int], n_layers: i
 
 class RouterPlanner:
     """Decides each routed row's plan during its prefill; rows with fixed plans or routing="full" ride
-    along in the same batch. Over-budget rows are re-run from their first demoted layer."""
+    along in the same batch. A budget under the static rule filters the decisions as they are made
+    (`StaticBudget`); under the margin rule, over-budget rows are re-run from their first demoted layer."""
 
     def __init__(self, routers: Routers, policy: RoutingPolicy | None = None) -> None:
         self.routers = routers
@@ -58,9 +59,7 @@ class RouterPlanner:
         if req.plan is not None or req.routing == "full" or req.budget is None \
                 or self.policy.budget_rule != "static":
             return fixed_plan(req, n_layers)
-        full = [1] * n_layers
-        zeros = [[0.0, 0.0, 0.0]] * n_layers
-        return LayerPlan(tuple(apply_budget_static(full, zeros, req.budget, self.policy.budget_order)))
+        return LayerPlan(self.policy.static_budget(req.budget, n_layers).plan())
 
     def prefill(self, executor: RoutedExecutor, tokens: torch.Tensor, rows: torch.Tensor,
                 lengths: torch.Tensor, requests: list[PlanRequest], all_logits: bool = False) -> PrefillResult:
@@ -70,22 +69,29 @@ class RouterPlanner:
         routed_mask = torch.tensor(routed)
         fixed = plans_tensor([fixed_plan(r, L) for r in requests])
         layer_logits: list[torch.Tensor] = []
+        online: dict[int, StaticBudget] = {}  # rows whose budget filters the decisions as they are made
+        if self.policy.budget_rule == "static":
+            online = {i: self.policy.static_budget(r.budget, L) for i, r in enumerate(requests)
+                      if routed[i] and r.budget is not None}
 
         def decide(layer: int, hidden: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
             lg = self.routers.layer_logits(layer, hidden, lens).float().cpu()
             layer_logits.append(lg)
-            return torch.where(routed_mask, self.policy.decide(lg), fixed[:, layer])
+            counts = torch.where(routed_mask, self.policy.decide(lg), fixed[:, layer])
+            for i, budget in online.items():
+                counts[i] = budget.step(layer, int(counts[i]))
+            return counts
 
         start = torch.zeros(b, dtype=torch.long)
-        budgeted = any(routed[i] and r.budget is not None for i, r in enumerate(requests))
+        budgeted = any(routed[i] and r.budget is not None and i not in online for i, r in enumerate(requests))
         out = executor.forward(tokens, start, rows=rows, lengths=lengths, decide=decide,
                                all_logits=all_logits, capture=budgeted)
         logits_by_row = torch.stack(layer_logits, 1)  # [b, L, 3]
         counts = out.counts.clone()
         rerun: list[int] = []
         for i, req in enumerate(requests):
-            if routed[i] and req.budget is not None:
-                capped = self.policy.apply_budget(counts[i].tolist(), logits_by_row[i].tolist(), req.budget)
+            if routed[i] and req.budget is not None and i not in online:
+                capped = apply_budget(counts[i].tolist(), logits_by_row[i].tolist(), req.budget)
                 if capped != counts[i].tolist():
                     counts[i] = torch.tensor(capped)
                     rerun.append(i)

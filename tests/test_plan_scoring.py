@@ -29,7 +29,7 @@ from routing.offline.tasks.scoring import (
 )
 from routing.plan import LayerPlan, execution_cap
 from routing.planner import PlanRequest
-from routing.policy import RoutingPolicy, apply_budget, apply_budget_static
+from routing.policy import RoutingPolicy, StaticBudget
 from routing.routers import RouterPlanner
 
 PLANS = [(1, 1, 1, 1, 1, 1), (1, 0, 2, 1, 0, 1), (2, 1, 0, 0, 1, 2)]
@@ -179,26 +179,39 @@ def test_guard_an_unsure_router_executes(device: str) -> None:
     assert loose.plans[0].executions < model.spec.n_layers  # without the guard the same routers skip
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(0, 2), min_size=1, max_size=12), st.floats(0.05, 2.0), st.floats(0.05, 2.0),
        st.randoms(use_true_random=False))
-def test_static_budget_rule_invariants(counts, b1, b2, rnd) -> None:
-    L = len(counts)
-    logits = [[rnd.uniform(-3, 3) for _ in range(3)] for _ in range(L)]
+def test_static_budget_rule_invariants(decisions, b1, b2, rnd) -> None:
+    """Whatever the routers decide: the plan fits the cap, runs at least one block, skips every block the
+    rule skips up front, takes every other skip and execute as decided, and a smaller budget skips a superset
+    up front."""
+    L = len(decisions)
     order = tuple(rnd.sample(range(L), L))
     lo, hi = sorted((b1, b2))
-    a, b = apply_budget_static(counts, logits, lo, order), apply_budget_static(counts, logits, hi, order)
-    assert sum(a) <= execution_cap(lo, L) or sum(a) == sum(counts) <= execution_cap(lo, L)
-    assert sum(a) <= max(execution_cap(lo, L), 0) and sum(a) <= sum(b)
-    assert all(x <= y for x, y in zip(a, counts, strict=True))
-    if sum(counts) <= execution_cap(hi, L):
-        assert b == list(counts)
-    assert apply_budget(counts, logits, None) == list(counts)
+    plans = {}
+    for budget in (lo, hi):
+        rule = StaticBudget(budget, L, order)
+        out = [rule.step(layer, d) for layer, d in enumerate(decisions)]
+        plans[budget] = (rule, out)
+        assert 1 <= sum(out) <= execution_cap(budget, L) and rule.spent == sum(out)
+        assert sum(rule.preskip) == max(0, L - execution_cap(budget, L))
+        assert list(rule.preskip) == [i in order[: sum(rule.preskip)] for i in range(L)]
+        for pre, d, c in zip(rule.preskip, decisions, out, strict=True):
+            assert c == 0 if pre else (c == d or (d == 2 and c == 1) or (d == 0 and c == 1))
+    assert all(x >= y for x, y in zip(plans[lo][0].preskip, plans[hi][0].preskip, strict=True))
 
 
-def test_static_rule_skips_least_important_first() -> None:
-    counts, logits = [1, 2, 1, 1], [[0.0, 1.0, 0.5]] * 4
-    assert apply_budget_static(counts, logits, 0.5, (3, 0, 2, 1)) == [0, 1, 1, 0]
+def test_static_rule_skips_least_important_first_and_grants_repeats_that_fit() -> None:
+    rule = StaticBudget(0.5, 4, (3, 0, 2, 1))  # cap 2: blocks 3 and 0 are skipped up front
+    assert rule.plan() == (0, 1, 1, 0)
+    assert [rule.step(i, d) for i, d in enumerate([2, 2, 1, 2])] == [0, 1, 1, 0]  # a repeat would not fit
+    rule = StaticBudget(0.75, 4, (3, 0, 2, 1))  # cap 3: only block 3 up front
+    assert [rule.step(i, d) for i, d in enumerate([0, 2, 1, 1])] == [0, 2, 1, 0]  # block 0's skip frees one
+    rule = StaticBudget(0.25, 4, (3, 0, 2, 1))  # cap 1: only block 1 may run, and it must
+    assert [rule.step(i, d) for i, d in enumerate([1, 0, 1, 1])] == [0, 1, 0, 0]
+    with pytest.raises(ValueError):
+        StaticBudget(0.0, 4, ())
 
 
 def test_policy_round_trip_and_validation() -> None:

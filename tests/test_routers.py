@@ -138,6 +138,47 @@ def test_budget_over_routers_plan_reruns_equal_a_fresh_prefill_of_the_capped_pla
     torch.testing.assert_close(res.logits, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_static_budget_decides_along_the_plan_that_runs_in_one_forward(arch: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the static rule a budgeted prefill is one forward (no re-run): its plans fit the cap, skip the
+    rule's blocks, its logits equal a no-cache recompute of each row's plan, and every router saw the hidden
+    state entering its block along that plan."""
+    model = tiny_model(arch)
+    routers = random_routers(model, 8)
+    policy = RoutingPolicy(None, None, "static", (4, 1, 3, 0, 2, 5))
+    seen: dict[int, torch.Tensor] = {}
+    inner = routers.layer_logits
+
+    def spy(layer: int, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        seen[layer] = hidden.clone()
+        return inner(layer, hidden, lengths)
+
+    monkeypatch.setattr(routers, "layer_logits", spy)
+    tokens = torch.randint(0, 96, (3, 7), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([7, 4, 6])
+    reqs = [PlanRequest(budget=0.5), PlanRequest(budget=1.5), PlanRequest()]
+    ex = RoutedExecutor(model, max_batch=3)
+    calls = []
+    orig = ex.forward
+    monkeypatch.setattr(ex, "forward", lambda *a, **k: calls.append(k.get("resume")) or orig(*a, **k))
+    res = RouterPlanner(routers, policy).prefill(ex, tokens, torch.arange(3), lengths, reqs)
+    assert calls == [None]  # one forward, no re-run
+    half = res.plans[0]
+    assert half.executions <= 3 and half.counts[4] == half.counts[1] == half.counts[3] == 0
+    assert res.plans[1].executions <= 9
+    assert any(p.repeated for p in res.plans) or any(p.skipped for p in res.plans[1:])
+    for i in range(3):
+        n = int(lengths[i])
+        torch.testing.assert_close(res.logits[i], reference_logits(model, res.plans[i], tokens[i: i + 1, :n])[0, -1],
+                                   atol=1e-5, rtol=0)
+        entering = RoutedExecutor(model).forward(tokens[i: i + 1, :n], torch.zeros(1, dtype=torch.long),
+                                                 plans=torch.tensor([res.plans[i].counts]), capture=True).entering
+        assert entering is not None
+        for layer in range(6):
+            torch.testing.assert_close(seen[layer][i, :n], entering[layer][0], atol=1e-5, rtol=0)
+
+
 plans_and_logits = st.integers(1, 12).flatmap(lambda n: st.tuples(
     st.lists(st.integers(0, 2), min_size=n, max_size=n),
     st.lists(st.lists(st.floats(-5, 5, allow_nan=False), min_size=3, max_size=3), min_size=n, max_size=n)))
