@@ -1,7 +1,9 @@
 """Routed savings under serving load: the same mixed workload with `routing: "full"` and with budgets.
 
 For each concurrency level, the same requests (varied prompts, `ignore_eos`, fixed `max_tokens`, greedy)
-are sent with `routing: "full"` and with each budget (routers on), interleaved mode by mode. Printed side
+are sent with `routing: "full"` and with each budget (routers on), interleaved mode by mode, `--rounds`
+times (throughput is each mode's median over the rounds: one pass per mode drifts by +-10 % on a shared
+machine, as much as the gains it measures). Printed side
 by side: throughput (generated tokens/s), the speed-up over "full" next to the ideal one (weights read per
 token at full depth / along the executed plans, LM head included), and the worst time to first token
 (queue wait + prefill, streamed). The "mixed" mode alternates `routing: "full"` and budget 0.6 requests:
@@ -56,6 +58,14 @@ class Run:
         return self.tokens / self.seconds
 
 
+def merged(passes: list[Run]) -> Run:
+    """The median pass by throughput (the upper one of an even count), with the times to first token and
+    executions of every pass."""
+    mid = sorted(passes, key=lambda r: r.tok_s)[len(passes) // 2]
+    return Run(mid.tokens, mid.seconds, [t for r in passes for t in r.ttft],
+               [e for r in passes for e in r.executions])
+
+
 async def one(http: httpx.AsyncClient, url: str, body: dict, run: Run) -> None:
     t0 = time.perf_counter()
     first = None
@@ -105,6 +115,7 @@ def main() -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.6])
     p.add_argument("--requests", type=int, default=0, help="requests per mode (default: max(4, 2 x concurrency))")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=3, help="passes over the modes, interleaved (median tok/s)")
     p.add_argument("--schedulers", nargs="+", default=["plan"], choices=("plan", "fifo"))
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed full / budget 0.6 mode")
     p.add_argument("--port", type=int, default=8020, help="port of the started server (0: any free one)")
@@ -162,23 +173,27 @@ def bench_server(url: str, args: argparse.Namespace, sched: str, levels: list[in
         print(f"\nconcurrency {c}, {n} requests per mode")
         print(f"{'mode':<12}{'executions':>11}{'tok/s':>8}{'vs full':>9}{'ideal':>7}{'share of ideal gain':>21}"
               f"{'worst TTFT s':>14}{'median TTFT s':>15}")
-        full_tps = None
-        for name, knob in modes:
-            bodies = [{**b, **(knob if knob is not None else
-                               ({"routing": "full"} if i % 2 == 0 else {"budget": 0.6}))}
-                      for i, b in enumerate(base)]
-            run = asyncio.run(run_mode(url, bodies, c))
+        passes: dict[str, list[Run]] = {name: [] for name, _ in modes}
+        for _ in range(args.rounds):
+            for name, knob in modes:
+                bodies = [{**b, **(knob if knob is not None else
+                                   ({"routing": "full"} if i % 2 == 0 else {"budget": 0.6}))}
+                          for i, b in enumerate(base)]
+                passes[name].append(asyncio.run(run_mode(url, bodies, c)))
+        full_tps = merged(passes["full"]).tok_s
+        for name, _ in modes:
+            run = merged(passes[name])
             runs[name] = run
             # ideal: weights read per generated token, averaged over the requests (all have max_tokens)
             cost = statistics.mean(e * args.block_params + args.head_params for e in run.executions) \
                 if run.executions else full_cost
             ex = statistics.mean(run.executions) if run.executions else float(L)
             ideal = full_cost / cost
-            full_tps = full_tps or run.tok_s
             gain = run.tok_s / full_tps
             share = (gain - 1) / (ideal - 1) if ideal > 1.0001 else float("nan")
             print(f"{name:<12}{ex:>11.1f}{run.tok_s:>8.1f}{gain:>9.2f}{ideal:>7.2f}{share:>21.2f}"
-                  f"{max(run.ttft):>14.2f}{statistics.median(run.ttft):>15.2f}")
+                  f"{max(run.ttft):>14.2f}{statistics.median(run.ttft):>15.2f}  "
+                  f"(tok/s per round: {', '.join(f'{r.tok_s:.1f}' for r in passes[name])})")
     return runs
 
 

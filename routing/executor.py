@@ -170,7 +170,7 @@ class RoutedExecutor:
             o = o[only]
         h = h + blk.o(o.reshape(b, n, H * D))
         gate, up = blk.gate_up(rms_norm(h, blk.post_norm, blk.eps)).chunk(2, -1)
-        h = h + blk.down(blk.act(gate) * up)
+        h = h + blk.down(blk.act(gate).mul_(up))  # the activation returns a new tensor
         return h if only is None else full_h.index_copy(0, only, h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

@@ -9,14 +9,16 @@ rebuilt if the model's weights were moved since (a `.to(device)` gives new tenso
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import activations as transformers_activations
 
-from .quant import Int8Linear, int8_linear, prepack_int8
+from . import quant
+from .quant import LINEAR_DYNAMIC, Int8Linear, int8_linear, prepack_int8
 
 
 @dataclass
@@ -31,6 +33,10 @@ class Proj:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
+            if (self.packed is not None and x.dtype == torch.float32 and x.numel() == x.shape[-1]
+                    and quant.PACKED_ROWS >= 1):
+                # one row (batch-1 decode): int8_linear's first case without its Python around it
+                return LINEAR_DYNAMIC(x.view(1, -1), self.packed, True).view(*x.shape[:-1], -1)
             return int8_linear(x, self.weight, self.scale, self.bias, self.packed)
         m = x.numel() // x.shape[-1]
         w = self.weight
@@ -103,7 +109,7 @@ class PackedBlock:
     o: Proj  # H * D -> d
     gate_up: Proj  # d -> 2 * I
     down: Proj  # I -> d
-    act: nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]  # the MLP's activation (F.silu for a SiLU module)
     q_norm: torch.Tensor | None  # [D] (qwen3)
     k_norm: torch.Tensor | None
     scale: float  # attention scale
@@ -113,6 +119,13 @@ def norm_eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
+def _activation(act: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    # the functional form skips nn.Module's call machinery (~5 us per block and step); transformers' own
+    # SiLUActivation's forward is F.silu
+    silu = (nn.SiLU, getattr(transformers_activations, "SiLUActivation", nn.SiLU))
+    return F.silu if type(act) in silu else act
+
+
 def pack_block(layer: nn.Module, head_dim: int, layout: str) -> PackedBlock:
     attn, mlp = layer.self_attn, layer.mlp
     qk_norm = hasattr(attn, "q_norm")
@@ -120,7 +133,7 @@ def pack_block(layer: nn.Module, head_dim: int, layout: str) -> PackedBlock:
         in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
         eps=norm_eps(layer.input_layernorm),
         qkv=fuse([attn.q_proj, attn.k_proj, attn.v_proj], layout), o=fuse([attn.o_proj], layout),
-        gate_up=fuse([mlp.gate_proj, mlp.up_proj], layout), down=fuse([mlp.down_proj], layout), act=mlp.act_fn,
+        gate_up=fuse([mlp.gate_proj, mlp.up_proj], layout), down=fuse([mlp.down_proj], layout), act=_activation(mlp.act_fn),
         q_norm=attn.q_norm.weight if qk_norm else None, k_norm=attn.k_norm.weight if qk_norm else None,
         scale=float(getattr(attn, "scaling", head_dim**-0.5)),
     )

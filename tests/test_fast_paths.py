@@ -148,6 +148,25 @@ def test_int8_fbgemm_rows_match_the_dequantized_weights_and_do_not_see_each_othe
     torch.testing.assert_close(q(x), got, atol=0, rtol=0)  # the module packs lazily, same numbers
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu" or not has_fbgemm(), reason="fbgemm is CPU-only (x86)")
+def test_fused_int8_projection_one_row_shortcut_equals_int8_linear() -> None:
+    """`Proj`'s one-row shortcut (batch-1 decode: the fbgemm op without int8_linear around it) gives exactly
+    int8_linear's numbers, for every shape a block feeds it ([1, 1, d] and [1, d])."""
+    from routing.fused import fuse
+
+    a, b = torch.nn.Linear(64, 48), torch.nn.Linear(64, 16)
+    qa, qb = Int8Linear.from_linear(a), Int8Linear.from_linear(b)
+    ref_w, ref_s = torch.cat([qa.weight, qb.weight]), torch.cat([qa.scale, qb.scale])
+    ref_bias = torch.cat([a.bias.detach(), b.bias.detach()])
+    proj = fuse([qa, qb])
+    for x in (torch.randn(1, 1, 64), torch.randn(1, 64)):
+        want = int8_linear(x, ref_w, ref_s, ref_bias, prepack_int8(ref_w, ref_s, ref_bias))
+        got = proj(x)
+        assert got.shape == want.shape and torch.equal(got, want)
+    two = torch.randn(2, 1, 64)  # more rows take int8_linear itself
+    assert torch.equal(proj(two), int8_linear(two, ref_w, ref_s, ref_bias, proj.packed))
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the int8 kernel is CPU-only")
 def test_int8_linear_matches_its_dequantized_weights() -> None:
     lin = torch.nn.Linear(64, 48)
