@@ -86,6 +86,8 @@ def test_weight_layouts_agree_and_share_the_models_memory(arch: str) -> None:
         assert attn.v_proj.weight.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
         assert ex.lm_head.weight.data_ptr() == model.hf.lm_head.weight.data_ptr()
         assert packed.is_contiguous() == (layout == "out_in")
+        down = ex.blocks[0].down.weight  # wide (out < in): [out, in] in either layout
+        assert down.shape[0] < down.shape[1] and down.is_contiguous()
     assert pack_model(model.hf, model.spec.head_dim, "in_out") is pack_model(model.hf, model.spec.head_dim, "in_out")
 
 
