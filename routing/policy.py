@@ -120,9 +120,8 @@ class StaticBudget:
         rank = list(dict.fromkeys([*(i for i in order if 0 <= i < n_layers), *range(n_layers)]))
         skipped = set(rank[: max(0, n_layers - self.cap)])
         self.preskip = tuple(i in skipped for i in range(n_layers))
-        # _later[k]: blocks after k that are not skipped up front (each assumed to run once)
-        self._later = [sum(not s for s in self.preskip[k + 1:]) for k in range(n_layers)]
         self.spent = 0  # executions decided so far
+        self._left = n_layers - len(skipped)  # blocks not skipped up front and not yet decided
 
     def plan(self) -> tuple[int, ...]:
         """The plan when every router says execute: (0 where skipped up front, else 1) per block."""
@@ -130,7 +129,9 @@ class StaticBudget:
 
     def step(self, layer: int, decision: int) -> int:
         """Block `layer`'s count (0, 1 or 2) given its router's decision; call once per block, in order."""
-        later = self._later[layer]
+        if not self.preskip[layer]:
+            self._left -= 1
+        later = self._left  # later blocks not skipped up front (each assumed to run once)
         if self.preskip[layer]:
             count = SKIP
         elif decision == REPEAT and self.spent + REPEAT + later > self.cap:

@@ -82,19 +82,19 @@ class RouterPlanner:
                 counts[i] = budget.step(layer, int(counts[i]))
             return counts
 
+        # rows whose free plan is trimmed afterwards (margin rule): they may re-run from a captured state
+        trimmed = [i for i, r in enumerate(requests) if routed[i] and r.budget is not None and i not in online]
         start = torch.zeros(b, dtype=torch.long)
-        budgeted = any(routed[i] and r.budget is not None and i not in online for i, r in enumerate(requests))
         out = executor.forward(tokens, start, rows=rows, lengths=lengths, decide=decide,
-                               all_logits=all_logits, capture=budgeted)
+                               all_logits=all_logits, capture=bool(trimmed))
         logits_by_row = torch.stack(layer_logits, 1)  # [b, L, 3]
         counts = out.counts.clone()
         rerun: list[int] = []
-        for i, req in enumerate(requests):
-            if routed[i] and req.budget is not None and i not in online:
-                capped = apply_budget(counts[i].tolist(), logits_by_row[i].tolist(), req.budget)
-                if capped != counts[i].tolist():
-                    counts[i] = torch.tensor(capped)
-                    rerun.append(i)
+        for i in trimmed:
+            capped = apply_budget(counts[i].tolist(), logits_by_row[i].tolist(), requests[i].budget)
+            if capped != counts[i].tolist():
+                counts[i] = torch.tensor(capped)
+                rerun.append(i)
         logits = out.logits
         if rerun:
             logits = logits.clone()
