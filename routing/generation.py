@@ -261,7 +261,7 @@ class BatchGenerator:
             admit: list[Sequence] = []
             long = None
             queue = list(self.waiting)
-            if self.scheduler == "plan" and len(queue) > free:
+            if self.scheduler == "plan" and 0 < free < len(queue):  # with no free row the order is moot
                 queue = self._plan_order(queue, free)
             for s in queue:
                 if self.long_prompt is not None and len(s.request.prompt_ids) > self.long_prompt \
