@@ -28,6 +28,11 @@ FROM ${CPU_BASE_IMAGE} AS base-cpu
 ARG CPU_TORCH_VERSION=2.13.0
 ARG CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir --index-url "${CPU_TORCH_INDEX}" "torch==${CPU_TORCH_VERSION}"
+# A C compiler for the fused router kernel (routing/router_kernel.c), built for the host's CPU when the
+# server loads its routers; without one the routers run as torch kernels (slower prefill, same decisions).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 
 # ---- deps: third-party dependencies, rebuilt only when pyproject.toml changes ---------------------------
 FROM base-${TORCH_VARIANT} AS deps

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import router_kernel
 from .model import BaseModel
 from .paths import routers_dir
 from .plan import DECISIONS
@@ -122,7 +123,9 @@ def find_default(model: BaseModel, root: Path | None = None) -> Path:
 
 
 def load_routers(spec: str | Path, model: BaseModel) -> Routers:
-    """Load routers from a checkpoint directory, or `default` (the shipped one for this base model)."""
+    """Load routers from a checkpoint directory, or `default` (the shipped one for this base model), on the
+    model's device, for inference. On the CPU this also builds the fused router kernel (`router_kernel`).
+    Raises RouterCheckpointError for a missing, corrupted or mismatched checkpoint."""
     d = find_default(model) if str(spec) == "default" else Path(spec)
     if not d.is_dir():
         raise RouterCheckpointError(f"router checkpoint directory not found: {d}")
@@ -150,4 +153,6 @@ def load_routers(spec: str | Path, model: BaseModel) -> Routers:
         routers.policy = RoutingPolicy.from_dict(meta.get("policy"))
     except (TypeError, ValueError) as e:
         raise RouterCheckpointError(f"{d / META}: invalid routing policy: {e}") from e
+    if model.device.type == "cpu":
+        router_kernel.load()  # build the fused CPU kernel now, not inside the first routed prefill
     return routers.to(model.device).eval().requires_grad_(False)

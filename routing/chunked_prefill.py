@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .executor import Decide, ForwardOutput, RoutedExecutor
+from .executor import Decide, ForwardOutput, RoutedExecutor, decided_counts
 
 
 class Cancelled(Exception):
@@ -169,7 +169,7 @@ class LayerMajorExecutor:
             if entering is not None:
                 entering.append(h)
             if decide is not None:
-                counts[:, layer] = decide(layer, h, lengths_cpu).cpu().long()
+                counts[:, layer] = torch.tensor(decided_counts(decide(layer, h, lengths_cpu)), dtype=torch.long)
             runs = int(counts[:, layer].max())
             if runs == 0:
                 continue

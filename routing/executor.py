@@ -18,9 +18,15 @@ from .fused import norm_eps, pack_model, rms_norm
 from .kv_cache import SlotKVCache
 from .model import BaseModel
 
-# decide(layer, hidden [b, n, d], lengths [b]) -> counts [b] (CPU long) for that layer. The callback may
-# also overwrite rows of `hidden` in place: the search injects memoized prefix states that way.
-Decide = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+# decide(layer, hidden [b, n, d], lengths [b]) -> counts [b] (a CPU long tensor, or a list of ints: a
+# router's decisions are made on the host) for that layer. The callback may also overwrite rows of `hidden`
+# in place: the search injects memoized prefix states that way.
+Decide = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | list[int]"]
+
+
+def decided_counts(got: torch.Tensor | list[int]) -> list[int]:
+    """A `Decide` callback's answer as a list of counts."""
+    return got if isinstance(got, list) else got.cpu().long().tolist()
 
 
 @dataclass
@@ -255,14 +261,15 @@ class RoutedExecutor:
         rope = (cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), -1).unsqueeze(2))
         entering: list[torch.Tensor] | None = [] if capture else None
         selections = None if decide is not None else self._selections(counts, dev)
+        decided: list[list[int]] = []  # with decide: each layer's counts, written into `counts` at the end
 
         for layer in range(first, L if stop is None else stop):
             if entering is not None:
                 entering.append(h)
             if selections is None:
                 assert decide is not None
-                counts[:, layer] = decide(layer, h, lengths_cpu).cpu().long()
-                col = counts[:, layer].tolist()
+                col = decided_counts(decide(layer, h, lengths_cpu))
+                decided.append(col)
                 pair = (_selection(col, 0, dev), _selection(col, 1, dev))
             else:
                 pair = selections[layer]
@@ -300,6 +307,8 @@ class RoutedExecutor:
                     out = self._block(layer, repeat, h[idx], sub_rope, span or pos[idx], sub_rows, key_len,
                                       sub_mask, causal)
                     h = h.index_copy(0, idx, out)
+        if decided:
+            counts[:, first: first + len(decided)] = torch.tensor(decided, dtype=torch.long).t()
         if stop is not None:
             return ForwardOutput(logits=h.new_empty(0), counts=counts, entering=entering, hidden=h)
         if all_logits:

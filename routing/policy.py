@@ -3,6 +3,7 @@ executes) and the budget rule that caps a plan's executions. Stored in a checkpo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,22 +49,32 @@ class RoutingPolicy:
                 "budget_rule": self.budget_rule, "budget_order": list(self.budget_order)}
 
     def decide(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [b, 3] over (skip, execute, repeat) -> counts [b] (long)."""
+        """logits [b, 3] over (skip, execute, repeat) -> counts [b] (long). See `decide_rows`."""
+        return torch.tensor(self.decide_rows(logits), dtype=torch.long)
+
+    def decide_rows(self, logits: torch.Tensor) -> list[int]:
+        """logits [b, 3] over (skip, execute, repeat), float32 on the CPU -> each row's count (0, 1 or 2).
+
+        Argmax without a guard (the first of tied logits, as torch.argmax). With a guard: one softmax, then
+        the rule per row on the host, where a routed prefill calls this once per layer and each tensor op
+        costs more than the host arithmetic. Probabilities are compared with the thresholds in float32, as
+        a float32 tensor comparison with a Python scalar would."""
         if self.skip_threshold is None and self.repeat_threshold is None:
-            return logits.argmax(-1)
-        # one softmax, then the rule per row on the host (a routed prefill calls this once per layer: a dozen
-        # tiny tensor ops would cost more than the router). Thresholds are compared in float32, as a tensor
-        # comparison with a Python scalar would.
-        big = 2.0  # above any probability
-        ts = big if self.skip_threshold is None else _f32(self.skip_threshold)
-        tr = big if self.repeat_threshold is None else _f32(self.repeat_threshold)
+            return [0 if a >= b and a >= c else 1 if b >= c else 2 for a, b, c in logits.tolist()]
+        ts, tr = self._thresholds
         out = []
         for p_skip, _, p_rep in torch.softmax(logits.float(), -1).tolist():
             skip, rep = p_skip >= ts, p_rep >= tr
             if skip and rep:  # both pass: the likelier one (skip on a tie)
                 skip = p_skip >= p_rep
             out.append(SKIP if skip else REPEAT if rep else EXECUTE)
-        return torch.tensor(out, dtype=torch.long)
+        return out
+
+    @functools.cached_property
+    def _thresholds(self) -> tuple[float, float]:
+        big = 2.0  # above any probability: that deviation is never taken
+        return (big if self.skip_threshold is None else _f32(self.skip_threshold),
+                big if self.repeat_threshold is None else _f32(self.repeat_threshold))
 
     def static_budget(self, budget: float, n_layers: int) -> StaticBudget:
         """The "static" rule's decision filter for one prefill row under `budget` (see `StaticBudget`).

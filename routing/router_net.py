@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from . import router_kernel
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ def window_average(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class Routers(nn.Module):
+    """The L routers of a base model. `fused`: whether `layer_logits` may use the fused CPU kernel
+    (`routing.router_kernel`, when it builds); False keeps the torch kernels (benchmarks compare both)."""
+
+    fused: bool = True
+
     def __init__(self, config: RouterConfig) -> None:
         super().__init__()
         self.config = config
@@ -73,27 +81,105 @@ class Routers(nn.Module):
         )
 
     def layer_logits(self, layer: int, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """hidden [b, n, d] entering block `layer` -> decision logits [b, 3] (float32).
+        """hidden [b, n, d] entering block `layer`; lengths [b] (CPU) -> decision logits [b, 3] (float32).
 
-        `Router.averaged` in five kernels (two batched matmuls, two addmm on the modules' transposed
-        weights, one GELU) and no reshaping copies: 30 of these run inside every routed prefill."""
-        router = self.layers[layer]
-        dev = router.fc1.weight.device
-        weights, avg = self._weights(lengths, hidden.shape[1], dev)  # [b, W, n], [b, 1, W]
+        30 of these run inside every routed prefill, each right after a block whose weights evicted the
+        caches, where each torch kernel or Python step costs ~10-40 us (bench/router_cold.py). So:
+        - on the CPU in float32 inference, one call of the fused C kernel (`routing.router_kernel`) does the
+          whole router; otherwise five torch kernels (pooling matmul, addmm into fc1, GELU, window-mean
+          matmul, addmm into fc2) do `Router.averaged` without reshaping copies;
+        - what all layers of a prefill share (pooling weights, contiguous transposed weights, the kernel's
+          bound arguments) is prepared at layer 0, on another `lengths` tensor or shape, or when a layer
+          comes again (see `_prepare`); a later layer's call does no module attribute lookups."""
+        prep = self.__dict__.get("_prep")
+        if layer <= 0 or prep is None or prep[0] is not lengths or prep[2] != hidden.shape \
+                or prep[3] != torch.is_grad_enabled() or layer <= prep[7][0]:
+            prep = self._prepare(lengths, hidden)
+        prep[7][0] = layer
+        kernel = prep[8]
+        if kernel is not None and hidden.dtype is torch.float32 and hidden.is_contiguous():  # shape as prepared
+            outputs, pointers = prep[9]
+            if kernel.fn(kernel.addr[layer], hidden.data_ptr(), pointers[layer]):
+                raise MemoryError("the fused router kernel could not allocate its scratch space")
+            return outputs[layer]
+        b1, w1t, b2, w2t = prep[5][layer]
+        weights, avg, convert = prep[4]  # [b, W, n], [b, 1, W]; hidden's dtype or device differ
+        if convert:
+            hidden = hidden.to(weights.device, torch.float32)
+        if weights.dim() == 2:  # one row (batch-1 prefill): 2-D kernels
+            g = F.gelu(torch.addmm(b1, torch.mm(weights, hidden[0]), w1t), approximate="tanh")
+            return torch.addmm(b2, torch.mm(avg, g), w2t)
         b, w = weights.shape[0], weights.shape[1]
-        pooled = torch.bmm(weights, hidden.to(dev, torch.float32))  # [b, W, d]
-        g = router.act(torch.addmm(router.fc1.bias, pooled.view(b * w, -1), router.fc1.weight.t()))  # [bW, k]
+        pooled = torch.bmm(weights, hidden)  # [b, W, d]
+        g = F.gelu(torch.addmm(b1, pooled.view(b * w, -1), w1t), approximate="tanh")  # [bW, k]
         mixed = torch.bmm(avg, g.view(b, w, -1)).view(b, -1)  # [b, k]: the windows' mean activation
-        return torch.addmm(router.fc2.bias, mixed, router.fc2.weight.t())
+        return torch.addmm(b2, mixed, w2t)
 
-    def _weights(self, lengths: torch.Tensor, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # every layer of one prefill pools the same tokens: build the weights once
-        key = (tuple(lengths.tolist()), n, device)
-        if getattr(self, "_pool_key", None) != key:
-            self._pool_key = key
-            weights, valid = pooling_weights(lengths, n, self.config.window, torch.float32, device)
-            self._pool = (weights, window_average(valid, torch.float32).unsqueeze(1))
-        return self._pool
+    def _prepare(self, lengths: torch.Tensor, hidden: torch.Tensor) -> tuple:
+        """What every layer of one prefill shares: the pooling weights for `lengths` and hidden's n tokens;
+        per layer (fc1 bias, fc1 weight^T, fc2 bias, fc2 weight^T), the transposes contiguous copies (an addmm
+        reading a transposed view of fc1 costs ~25 us more after a block), kept across prefills and rebuilt
+        for a layer whose weights changed (an in-place update bumps their version), or with autograd
+        recording the differentiable transposed views; and the fused kernel's bound calls where it applies."""
+        old = self.__dict__.get("_prep")
+        grad = torch.is_grad_enabled()
+        dev = self.layers[0].fc1.weight.device
+        convert = hidden.dtype != torch.float32 or hidden.device != dev
+        values = tuple(lengths.tolist())
+        same_shape = old is not None and old[1] == values and old[2] == hidden.shape \
+            and old[4][0].device == dev and old[4][2] == convert
+        if same_shape:
+            pooling = old[4]
+        else:
+            weights, valid = pooling_weights(lengths, hidden.shape[1], self.config.window, torch.float32, dev)
+            avg = window_average(valid, torch.float32).unsqueeze(1)
+            if hidden.shape[0] == 1:  # [W, n], [1, W]: 2-D kernels, with no per-layer indexing
+                weights, avg = weights[0], avg[0]
+            pooling = (weights, avg, convert)
+        reuse = old is not None and not grad and not old[3]
+        if reuse and old[6][1] is not None and old[6][1] == self._weights_key(old[6][0]):
+            per_layer, key, changed = old[5], old[6], False  # no weight changed since the last prefill
+        else:
+            per_layer, key, changed = self._layer_weights(grad), None, True
+            if not grad:
+                params = [t for r in self.layers for t in (r.fc1.weight, r.fc2.weight, r.fc1.bias, r.fc2.bias)]
+                key = (params, self._weights_key(params))
+        kernel = None
+        if self.fused and not grad and dev.type == "cpu" and not convert and per_layer[0][1].dtype == torch.float32:
+            kernel = old[8] if reuse and same_shape and not changed else None
+            if kernel is None and (lib := router_kernel.load()) is not None \
+                    and self.config.window <= router_kernel.MAX_WINDOW:
+                kernel = router_kernel.RouterKernel(
+                    lib, lengths, self.config.window, hidden.shape[0], hidden.shape[1],
+                    [(w1t, b1.detach(), w2t.t().contiguous(), b2.detach()) for b1, w1t, b2, w2t in per_layer])
+        prep = (lengths, values, hidden.shape, grad, pooling, per_layer, key, [-1], kernel,
+                kernel.outputs() if kernel is not None else None)
+        self.__dict__["_prep"] = prep
+        return prep
+
+    @staticmethod
+    def _weights_key(params: list[torch.Tensor] | None) -> tuple | None:
+        # in-place updates bump a tensor's version; moving it changes its storage. Weights created in
+        # inference mode have no version counter: None, so that every prefill rebuilds (slower, never stale)
+        if params is None:
+            return None
+        try:
+            return tuple((t._version, t.data_ptr()) for t in params)
+        except RuntimeError:
+            return None
+
+    def _layer_weights(self, grad: bool) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer (fc1 bias, fc1 weight^T, fc2 bias, fc2 weight^T): contiguous transposed copies, or with
+        autograd recording the differentiable transposed views."""
+        out = []
+        for r in self.layers:
+            w1, w2 = r.fc1.weight, r.fc2.weight
+            if grad and (w1.requires_grad or w2.requires_grad):
+                out.append((r.fc1.bias, w1.t(), r.fc2.bias, w2.t()))
+            else:
+                with torch.no_grad():
+                    out.append((r.fc1.bias, w1.t().contiguous(), r.fc2.bias, w2.t().contiguous()))
+        return out
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -11,7 +11,7 @@ import torch
 from .checkpoint import RouterCheckpointError, load_routers, save_routers
 from .executor import RoutedExecutor
 from .plan import LayerPlan
-from .planner import PlanRequest, PrefillResult, fixed_plan, plans_tensor
+from .planner import PlanRequest, PrefillResult, fixed_plan
 from .policy import RoutingPolicy, StaticBudget, apply_budget
 from .router_net import RouterConfig, Routers
 
@@ -66,20 +66,25 @@ class RouterPlanner:
         L = executor.n_layers
         b = tokens.shape[0]
         routed = [r.plan is None and r.routing != "full" for r in requests]
-        routed_mask = torch.tensor(routed)
-        fixed = plans_tensor([fixed_plan(r, L) for r in requests])
+        fixed_rows = {i: fixed_plan(r, L).counts for i, r in enumerate(requests) if not routed[i]}
         layer_logits: list[torch.Tensor] = []
         online: dict[int, StaticBudget] = {}  # rows whose budget filters the decisions as they are made
         if self.policy.budget_rule == "static":
             online = {i: self.policy.static_budget(r.budget, L) for i, r in enumerate(requests)
                       if routed[i] and r.budget is not None}
 
-        def decide(layer: int, hidden: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-            lg = self.routers.layer_logits(layer, hidden, lens).float().cpu()
+        def decide(layer: int, hidden: torch.Tensor, lens: torch.Tensor) -> list[int]:
+            # on the host, in as few tensor ops as possible: each one runs cold after a block (see
+            # Routers.layer_logits)
+            lg = self.routers.layer_logits(layer, hidden, lens)
+            if lg.dtype != torch.float32 or lg.device.type != "cpu":
+                lg = lg.float().cpu()
             layer_logits.append(lg)
-            counts = torch.where(routed_mask, self.policy.decide(lg), fixed[:, layer])
+            counts = self.policy.decide_rows(lg)
+            for i, plan in fixed_rows.items():
+                counts[i] = plan[layer]
             for i, budget in online.items():
-                counts[i] = budget.step(layer, int(counts[i]))
+                counts[i] = budget.step(layer, counts[i])
             return counts
 
         # rows whose free plan is trimmed afterwards (margin rule): they may re-run from a captured state

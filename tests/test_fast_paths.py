@@ -235,20 +235,31 @@ def test_router_layer_logits_equal_the_router_modules_and_follow_weight_updates(
 
     torch.manual_seed(0)
     r = Routers(RouterConfig(n_layers=3, hidden_size=32, bottleneck=16)).eval()
-    for b, lengths in ((1, [13]), (3, [13, 5, 1])):
-        h = torch.randn(b, 13, 32)
-        lens = torch.tensor(lengths)
-        for layer in range(3):
-            pooled, valid = window_pool(h, lens, 8)
-            with torch.no_grad():
-                ref = r.layers[layer](pooled, valid)
-            torch.testing.assert_close(r.layer_logits(layer, h, lens), ref, atol=1e-5, rtol=0)
-    with torch.no_grad():  # an optimizer step updates weights in place: the transposed copies follow
+    for mode in (torch.enable_grad, torch.inference_mode):  # transposed views, then contiguous copies
+        for b, lengths in ((1, [13]), (3, [13, 5, 1])):
+            h = torch.randn(b, 13, 32)
+            lens = torch.tensor(lengths)
+            for layer in range(3):
+                pooled, valid = window_pool(h, lens, 8)
+                with torch.no_grad():
+                    ref = r.layers[layer](pooled, valid)
+                with mode():
+                    torch.testing.assert_close(r.layer_logits(layer, h, lens), ref, atol=1e-5, rtol=0)
+    with torch.no_grad():  # an optimizer step updates weights in place: the next prefill's copies follow
         r.layers[1].fc1.weight.mul_(2)
         r.layers[1].fc2.weight.add_(1)
         pooled, valid = window_pool(h, lens, 8)
         ref = r.layers[1](pooled, valid)
-    torch.testing.assert_close(r.layer_logits(1, h, lens), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(r.layer_logits(1, h, lens.clone()), ref, atol=1e-5, rtol=0)
+        r.layers[2].fc1.bias.add_(1)  # biases are read in place
+        r.layers[0].fc1.weight.mul_(3)  # a prefill starting at layer 0 with the same lengths tensor
+        for layer in (0, 2):
+            pooled, valid = window_pool(h, lens, 8)
+            torch.testing.assert_close(r.layer_logits(layer, h, lens), r.layers[layer](pooled, valid),
+                                       atol=1e-5, rtol=0)
+    x = torch.randn(1, 13, 32, requires_grad=True)  # with autograd on, gradients reach the router weights
+    r.layer_logits(0, x, torch.tensor([13])).sum().backward()
+    assert r.layers[0].fc1.weight.grad is not None and x.grad is not None
 
 
 def test_copy_rows_copies_every_slot() -> None:

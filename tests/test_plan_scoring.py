@@ -255,3 +255,12 @@ def test_policy_decide_equals_the_tensor_rule_at_and_around_its_thresholds() -> 
         got = RoutingPolicy(skip_threshold=ts, repeat_threshold=tr).decide(logits)
         assert torch.equal(got, tensor_rule(logits, ts, tr)), (ts, tr)
         assert set(got.tolist()) == {0, 1, 2}
+
+
+def test_policy_argmax_on_the_host_equals_torch_argmax_with_ties() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2000, 3).round(decimals=1)  # many ties
+    logits = torch.cat([logits, torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 2.0], [3.0, 1.0, 3.0]])])
+    got = RoutingPolicy().decide_rows(logits)
+    assert got == logits.argmax(-1).tolist()
+    assert RoutingPolicy().decide(logits).tolist() == got

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from .. import router_kernel
 from ..generation import BatchGenerator, GenerationRequest
 from ..model import BaseModel, load_model
 from ..plan import LayerPlan
@@ -106,9 +107,11 @@ def hf_run(model: BaseModel, ids: list[int], batch: int, new_tokens: int) -> tup
     return prefill, batch * (new_tokens - 1) / max(total - prefill, 1e-9)
 
 
-def router_overhead(model: BaseModel, ids: list[int], rounds: int) -> tuple[float, float, float]:
-    """Prefill with routers that always choose 'execute' vs. the same full plan without routers.
-    Returns (median prefill without routers, median with, median time inside the routers)."""
+def router_overhead(model: BaseModel, ids: list[int], rounds: int) -> dict[str, tuple[float, float, float]]:
+    """Prefill with routers that always choose 'execute' vs. the same full plan without routers, with the
+    fused router kernel ("fused", when it builds on this host) and with the torch kernels ("torch"), rounds
+    interleaved. Returns per variant (median prefill without routers, median with, median time inside the
+    routers), seconds."""
     routers = Routers(RouterConfig(model.spec.n_layers, model.spec.hidden_size)).to(model.device).eval()
     with torch.no_grad():
         for r in routers.layers:
@@ -126,14 +129,20 @@ def router_overhead(model: BaseModel, ids: list[int], rounds: int) -> tuple[floa
     tokens = torch.tensor([ids])
     rows, lengths = torch.arange(1), torch.tensor([len(ids)])
     gen = BatchGenerator(model, max_batch=1)
-    plain, routed, inside = [], [], []
+    variants = {"fused": True, "torch": False} if router_kernel.load() is not None else {"torch": False}
+    plain: list[float] = []
+    routed: dict[str, list[float]] = {k: [] for k in variants}
+    inside: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         plain.append(_timed(lambda: FixedPlanner().prefill(gen.executor, tokens, rows, lengths, [PlanRequest()])))
-        spent[0] = 0.0
-        routed.append(_timed(lambda: RouterPlanner(routers).prefill(gen.executor, tokens, rows, lengths,
-                                                                    [PlanRequest()])))
-        inside.append(spent[0])
-    return statistics.median(plain), statistics.median(routed), statistics.median(inside)
+        for name, fused in variants.items():
+            routers.fused = fused
+            spent[0] = 0.0
+            routed[name].append(_timed(lambda: RouterPlanner(routers).prefill(gen.executor, tokens, rows, lengths,
+                                                                              [PlanRequest()])))
+            inside[name].append(spent[0])
+    p = statistics.median(plain)
+    return {k: (p, statistics.median(routed[k]), statistics.median(inside[k])) for k in variants}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,8 +194,9 @@ def run(args: argparse.Namespace) -> int:
     if args.llamacpp_tps and first_full_tps:
         print(f"llama.cpp reference: {args.llamacpp_tps:.1f} tok/s at batch 1 -> executor full / llama.cpp = "
               f"{first_full_tps[0] / args.llamacpp_tps:.2f}")
-    plain, routed, inside = router_overhead(model, ids, args.rounds * 3)
-    print(f"\nrouter overhead at prefill ({len(ids)} tokens): {inside * 1e3:.2f} ms inside the 30 routers = "
-          f"{100 * inside / plain:.2f}% of a {plain * 1e3:.1f} ms prefill (end-to-end routed/plain prefill "
-          f"{routed / plain:.3f})")
+    print(f"\nrouter overhead at prefill ({len(ids)} tokens, median of {args.rounds * 3} interleaved rounds):")
+    for name, (plain, routed, inside) in router_overhead(model, ids, args.rounds * 3).items():
+        kernels = "fused router kernel" if name == "fused" else "torch kernels"
+        print(f"  {kernels + ':':<21}{inside * 1e3:.2f} ms inside the {L} routers = {100 * inside / plain:.2f}% of a "
+              f"{plain * 1e3:.1f} ms prefill (end-to-end routed/plain prefill {routed / plain:.3f})")
     return 0

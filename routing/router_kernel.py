@@ -1,0 +1,150 @@
+"""The fused CPU router kernel (`router_kernel.c`): built with the host's C compiler on first use, loaded
+through ctypes, and used by `Routers.layer_logits` for float32 CPU inference.
+
+A routed prefill calls the 30 routers one by one, each right after a block whose weights evicted the caches.
+There, each of the router's five torch kernels costs 10-40 us of cold dispatch, so the routers took 3-5 % of
+a 49-token prefill although their arithmetic is ~0.1 % of it (bench/router_cold.py). The kernel does the
+same arithmetic in one call. It is optional: without a C compiler, or with DRLLM_ROUTER_KERNEL=0, the torch
+kernels run, and the results agree to float32 rounding (tests/test_router_kernel.py).
+
+The shared library is cached under $DRLLM_CACHE_DIR (default ~/.cache/drllm)/native, keyed by the source,
+the compiler flags and the CPU's feature flags (it is built with -march=native).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("router_kernel.c")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC")
+MAX_WINDOW = 64  # the kernel's per-row window count array
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DRLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "drllm")
+    return Path(root) / "native"
+
+
+def build(compiler: str | None = None) -> Path:
+    """Compile the kernel (if not cached) and return the shared library's path.
+    Raises RuntimeError when no C compiler is found or compiling fails."""
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + repr((cc, FLAGS, platform.machine(), _cpu_flags())).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"router_kernel-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {res.stderr.strip()[:500]}")
+        os.replace(tmp_out, out)  # atomic: concurrent builders leave one complete file
+    return out
+
+
+def load() -> ctypes.CDLL | None:
+    """The loaded kernel, or None when it is disabled (DRLLM_ROUTER_KERNEL=0) or cannot be built (logged
+    once). Thread-safe; builds at most once per process."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        if os.environ.get("DRLLM_ROUTER_KERNEL", "1") not in ("0", "false", "no"):
+            try:
+                lib = ctypes.CDLL(str(build()))
+                fn = lib.drllm_router_logits
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                fn.restype = ctypes.c_int
+                _lib = lib
+            except (OSError, RuntimeError) as e:
+                log.warning("fused router kernel unavailable, using torch kernels: %s", e)
+        _tried = True
+    return _lib
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [("w1t", ctypes.c_void_p), ("b1", ctypes.c_void_p), ("w2", ctypes.c_void_p), ("b2", ctypes.c_void_p),
+                ("lengths", ctypes.c_void_p), ("b", ctypes.c_int64), ("n", ctypes.c_int64),
+                ("d", ctypes.c_int64), ("k", ctypes.c_int64), ("c", ctypes.c_int64), ("window", ctypes.c_int64)]
+
+
+class RouterKernel:
+    """The fused kernel's calls for one prefill shape: hidden [b, n, d] with `lengths` [b] valid tokens per
+    row, and per layer (fc1 weight^T [d, k], fc1 bias [k], fc2 weight [c, k], fc2 bias [c]), all float32,
+    contiguous, on the CPU, and kept alive by this object. Everything but the hidden state is bound here, so
+    that a call costs one ctypes call with three pointers: `__call__(layer, hidden)` returns that layer's
+    logits [b, c] (float32, a new tensor); `Routers.layer_logits` makes the same call on outputs it takes
+    from `outputs()` once per prefill. Raises ValueError for
+    more than MAX_WINDOW windows or tensors of the wrong dtype, shape or layout, MemoryError when the kernel
+    cannot allocate its scratch space."""
+
+    def __init__(self, lib: ctypes.CDLL, lengths: torch.Tensor, window: int, b: int, n: int,
+                 layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        if not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"the fused router kernel supports 1 to {MAX_WINDOW} windows")
+        self._fn = lib.drllm_router_logits
+        self.lengths = lengths.to(torch.int64, copy=True)  # owned: the caller may reuse its tensor
+        if self.lengths.shape != (b,):
+            raise ValueError(f"lengths must have shape ({b},)")
+        c = layers[0][2].shape[0]
+        self.out_shape, self.n, self.d = (b, c), n, layers[0][0].shape[0]
+        self.layers = layers
+        self._args = []
+        for w1t, b1, w2, b2 in layers:
+            d, k = w1t.shape
+            for t, shape in ((w1t, (d, k)), (b1, (k,)), (w2, (c, k)), (b2, (c,))):
+                if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.shape != shape:
+                    raise ValueError("router weights must be contiguous float32 CPU tensors of matching shapes")
+            self._args.append(_Args(w1t.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
+                                    self.lengths.data_ptr(), b, n, d, k, c, window))
+        self.addr = [ctypes.addressof(a) for a in self._args]
+        self.fn = self._fn
+
+    def outputs(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Fresh output tensors, one [b, c] per layer, and their data pointers (for `fn`)."""
+        views = list(torch.empty((len(self.layers), *self.out_shape), dtype=torch.float32).unbind(0))
+        return views, [v.data_ptr() for v in views]
+
+    def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s logits [b, c] for hidden [b, n, d] (float32, contiguous, CPU; shape as bound).
+        `fn(addr[layer], hidden pointer, output pointer)` is the same call without this method's checks."""
+        if tuple(hidden.shape) != (self.out_shape[0], self.n, self.d) or hidden.dtype != torch.float32 \
+                or not hidden.is_contiguous() or hidden.device.type != "cpu":
+            raise ValueError("hidden must be a contiguous float32 CPU tensor of the bound shape")
+        out = torch.empty(self.out_shape, dtype=torch.float32)
+        if self.fn(self.addr[layer], hidden.data_ptr(), out.data_ptr()):
+            raise MemoryError("the fused router kernel could not allocate its scratch space")
+        return out

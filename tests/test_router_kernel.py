@@ -1,0 +1,187 @@
+"""The fused CPU router kernel (routing/router_kernel.c) against the torch kernels of `Routers.layer_logits`
+and the router modules themselves, its fallback when it cannot be built, and routed prefills with it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from routing import router_kernel
+from routing.executor import RoutedExecutor
+from routing.planner import PlanRequest
+from routing.router_net import RouterConfig, Routers, window_pool
+from routing.routers import RouterPlanner
+from tests.tiny import random_routers, tiny_model
+
+needs_kernel = pytest.mark.skipif(router_kernel.load() is None, reason="no C compiler: the torch kernels run")
+
+
+def _module_logits(r: Routers, layer: int, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    pooled, valid = window_pool(h, lengths, r.config.window)
+    with torch.no_grad():
+        return r.layers[layer](pooled, valid)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("d", "k", "window"), [(576, 128, 8), (40, 24, 8), (33, 7, 3), (64, 16, 1), (48, 32, 13)])
+def test_fused_kernel_equals_the_router_modules(d: int, k: int, window: int) -> None:
+    """Tiled and remainder paths (k not a multiple of 16, W not a multiple of 4), rows shorter than the window
+    count and than the padded length, one token, one window."""
+    torch.manual_seed(d + k)
+    r = Routers(RouterConfig(n_layers=3, hidden_size=d, window=window, bottleneck=k)).eval()
+    with torch.no_grad():
+        for layer in r.layers:
+            layer.fc2.weight.mul_(10)
+    for lengths in ([19], [1], [5, 19, 1, 12]):
+        h = torch.randn(len(lengths), 19, d)
+        lens = torch.tensor(lengths)
+        with torch.inference_mode():
+            got = [r.layer_logits(layer, h, lens) for layer in range(3)]
+        assert r.__dict__["_prep"][8] is not None  # the kernel ran
+        for layer in range(3):
+            torch.testing.assert_close(got[layer], _module_logits(r, layer, h, lens), atol=2e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_fused_and_torch_kernels_agree_and_follow_weight_updates() -> None:
+    torch.manual_seed(0)
+    r = Routers(RouterConfig(n_layers=4, hidden_size=32, bottleneck=16)).eval()
+    h, lens = torch.randn(2, 11, 32), torch.tensor([11, 6])
+
+    def both() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        out = []
+        for fused in (True, False):
+            r.fused = fused
+            with torch.inference_mode():
+                out.append([r.layer_logits(layer, h, lens) for layer in range(4)])
+        r.fused = True
+        return out[0], out[1]
+
+    fused, plain = both()
+    first = [t.clone() for t in fused]
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # in place, as an optimizer step or load_state_dict: the next prefill sees it
+        r.layers[2].fc1.weight.mul_(-1)
+        r.layers[3].fc2.bias.add_(3)
+    fused, plain = both()
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[0], first[0])  # unchanged layers, unchanged logits
+    torch.testing.assert_close(fused[3], first[3] + 3)
+    assert (fused[2] - first[2]).abs().max() > 1e-3
+    for layer in (2, 3):
+        torch.testing.assert_close(fused[layer], _module_logits(r, layer, h, lens), atol=1e-5, rtol=1e-5)
+    assert torch.equal(first[1], fused[1])  # a later prefill never overwrites logits returned before
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_routed_prefill_with_the_fused_kernel_equals_the_torch_kernels(arch: str) -> None:
+    model = tiny_model(arch)
+    routers = random_routers(model, 3)
+    tokens = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(2))
+    lengths = torch.tensor([9, 4, 7])
+    reqs = [PlanRequest(), PlanRequest(budget=0.6), PlanRequest()]
+    results = []
+    for fused in (True, False):
+        routers.fused = fused
+        with torch.inference_mode():
+            results.append(RouterPlanner(routers).prefill(RoutedExecutor(model, max_batch=3), tokens,
+                                                          torch.arange(3), lengths, reqs))
+    a, b = results
+    assert a.plans == b.plans
+    assert any(p.skipped or p.repeated for p in a.plans)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    for pa, pb in zip(a.decisions, b.decisions, strict=True):
+        torch.testing.assert_close(torch.tensor(pa), torch.tensor(pb), atol=1e-5, rtol=0)
+
+
+def test_without_a_compiler_the_torch_kernels_run(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(router_kernel, "_lib", None)
+    monkeypatch.setattr(router_kernel, "_tried", False)
+    monkeypatch.setenv("DRLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises((RuntimeError, OSError)):
+        router_kernel.build()
+    with caplog.at_level(logging.WARNING, logger="routing.router_kernel"):
+        assert router_kernel.load() is None
+    assert "torch kernels" in caplog.text
+    torch.manual_seed(0)
+    r = Routers(RouterConfig(n_layers=2, hidden_size=16, bottleneck=8)).eval()
+    h, lens = torch.randn(1, 5, 16), torch.tensor([5])
+    with torch.inference_mode():
+        got = r.layer_logits(1, h, lens)
+    assert r.__dict__["_prep"][8] is None
+    torch.testing.assert_close(got, _module_logits(r, 1, h, lens), atol=1e-5, rtol=0)
+
+
+def test_the_kernel_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(router_kernel, "_lib", None)
+    monkeypatch.setattr(router_kernel, "_tried", False)
+    monkeypatch.setenv("DRLLM_ROUTER_KERNEL", "0")
+    assert router_kernel.load() is None
+
+
+@needs_kernel
+def test_a_bad_compile_is_an_error_and_the_cache_is_keyed_by_source(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path) -> None:
+    monkeypatch.setenv("DRLLM_CACHE_DIR", str(tmp_path))
+    first = router_kernel.build()
+    assert first.exists() and first.parent == tmp_path / "native"
+    assert router_kernel.build() == first  # cached
+    bad = tmp_path / "bad.c"
+    bad.write_text("this is not C")
+    monkeypatch.setattr(router_kernel, "SOURCE", bad)
+    with pytest.raises(RuntimeError, match="compiling"):
+        router_kernel.build()
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_shipped_routers_decide_the_same_with_the_fused_kernel(default_model) -> None:
+    """The default checkpoint on the default model: the same plans and (to float32 rounding) the same
+    decision probabilities, batched and one prompt at a time, with and without a budget."""
+    from routing.checkpoint import load_routers
+
+    routers = load_routers("default", default_model)
+    prompts = ["Question: Which gas do plants take in from the air?\nAnswer:",
+               "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+               "Write a haiku about rain."]
+    ids = [default_model.tokenizer(p)["input_ids"] for p in prompts]
+    n = max(map(len, ids))
+    tokens = torch.tensor([x + [0] * (n - len(x)) for x in ids])
+    lengths = torch.tensor([len(x) for x in ids])
+    for reqs in ([PlanRequest()] * 3, [PlanRequest(budget=0.8), PlanRequest(), PlanRequest(budget=0.6)]):
+        for rows in ([0, 1, 2], [1]):
+            ix = torch.tensor(rows)
+            out = []
+            for fused in (True, False):
+                routers.fused = fused
+                with torch.inference_mode():
+                    out.append(RouterPlanner(routers).prefill(
+                        RoutedExecutor(default_model, max_batch=3), tokens[ix], torch.arange(len(rows)), lengths[ix],
+                        [reqs[i] for i in rows]))
+            routers.fused = True
+            assert out[0].plans == out[1].plans
+            torch.testing.assert_close(torch.tensor(out[0].decisions), torch.tensor(out[1].decisions), atol=1e-5,
+                                       rtol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_routers_and_inputs_made_in_inference_mode(fused: bool) -> None:
+    """Inference tensors have no version counter: routers loaded, and lengths made, under inference_mode
+    (as a server does) still give the modules' logits, also after an in-place weight change there."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        r = Routers(RouterConfig(n_layers=3, hidden_size=24, bottleneck=8)).eval()
+        r.fused = fused
+        h, lens = torch.randn(2, 7, 24), torch.tensor([7, 3])
+        for _ in range(2):
+            got = [r.layer_logits(layer, h, lens) for layer in range(3)]
+            for layer in range(3):
+                torch.testing.assert_close(got[layer], _module_logits(r, layer, h, lens), atol=1e-5, rtol=1e-5)
+            r.layers[1].fc1.weight.mul_(2)
