@@ -7,7 +7,7 @@
  * drllm_router_logits(args, h, out), with the fields of `args` (drllm_router_args) as follows:
  * h        [b, n, d]  hidden states entering the block (row-major, contiguous)
  * lengths  [b]        valid tokens per row (< 1 counts as 1)
- * w1t      [d, k]     fc1 weight, transposed;  b1 [k]
+ * w1       [k, d]     fc1 weight;              b1 [k]
  * w2       [c, k]     fc2 weight;              b2 [c]
  * out      [b, c]     decision logits
  * Returns 0, or -1 when its scratch space (window * (d + k) floats) cannot be allocated.
@@ -29,64 +29,73 @@ static inline float gelu_tanh(float x) {
     return 0.5f * x * (1.0f + t);
 }
 
-/* acc[w, :] = b1 + pooled[w, :] @ w1t for w < W. Tiles of 4 windows x 16 outputs stay in registers (8 AVX2
- * accumulators) while the d inputs stream by; the generic loop handles the rest and non-AVX2 builds. */
-static void fc1(const float *restrict pooled, int64_t W, int64_t d, const float *restrict w1t,
-                const float *restrict b1, int64_t k, float *restrict acc) {
-    int64_t w0 = 0, j_end = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-    j_end = k - k % 16;
-    for (; w0 + 4 <= W; w0 += 4) {
-        const float *p0 = pooled + w0 * d, *p1 = p0 + d, *p2 = p1 + d, *p3 = p2 + d;
-        for (int64_t j = 0; j < j_end; j += 16) {
-            __m256 b_lo = _mm256_loadu_ps(b1 + j), b_hi = _mm256_loadu_ps(b1 + j + 8);
-            __m256 a0l = b_lo, a0h = b_hi, a1l = b_lo, a1h = b_hi, a2l = b_lo, a2h = b_hi, a3l = b_lo, a3h = b_hi;
-            const float *row = w1t + j;
-            for (int64_t i = 0; i < d; i++, row += k) {
-                __m256 rl = _mm256_loadu_ps(row), rh = _mm256_loadu_ps(row + 8);
-                __m256 x0 = _mm256_broadcast_ss(p0 + i), x1 = _mm256_broadcast_ss(p1 + i);
-                __m256 x2 = _mm256_broadcast_ss(p2 + i), x3 = _mm256_broadcast_ss(p3 + i);
-                a0l = _mm256_fmadd_ps(x0, rl, a0l); a0h = _mm256_fmadd_ps(x0, rh, a0h);
-                a1l = _mm256_fmadd_ps(x1, rl, a1l); a1h = _mm256_fmadd_ps(x1, rh, a1h);
-                a2l = _mm256_fmadd_ps(x2, rl, a2l); a2h = _mm256_fmadd_ps(x2, rh, a2h);
-                a3l = _mm256_fmadd_ps(x3, rl, a3l); a3h = _mm256_fmadd_ps(x3, rh, a3h);
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* acc[w, j] = b1[j] + pooled[w, :] . w1[j, :] for w < W, j < k, reading fc1's weight w1 [k, d] (the module's
+ * own layout) row after row: the weights usually come cold from memory (a block just streamed its own
+ * through the caches), and in order they stream at the hardware prefetcher's pace. Tiles of 4 windows keep 4
+ * AVX2 accumulators per weight row; the generic loop handles the rest and non-AVX2 builds. */
+static void fc1(const float *restrict pooled, int64_t W, int64_t d, const float *restrict w1,
+                const float *restrict b1, int64_t k, float *restrict acc) {
+    int64_t w_end = 0, i_end = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    w_end = W - W % 4;
+    i_end = d - d % 8;
+    for (int64_t j = 0; j < k; j++) {
+        const float *row = w1 + j * d;
+        for (int64_t w0 = 0; w0 < w_end; w0 += 4) {
+            const float *p0 = pooled + w0 * d, *p1 = p0 + d, *p2 = p1 + d, *p3 = p2 + d;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t i = 0; i < i_end; i += 8) {
+                __m256 r = _mm256_loadu_ps(row + i);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(p0 + i), r, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(p1 + i), r, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(p2 + i), r, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(p3 + i), r, a3);
             }
-            float *o = acc + w0 * k + j;
-            _mm256_storeu_ps(o, a0l); _mm256_storeu_ps(o + 8, a0h);
-            _mm256_storeu_ps(o + k, a1l); _mm256_storeu_ps(o + k + 8, a1h);
-            _mm256_storeu_ps(o + 2 * k, a2l); _mm256_storeu_ps(o + 2 * k + 8, a2h);
-            _mm256_storeu_ps(o + 3 * k, a3l); _mm256_storeu_ps(o + 3 * k + 8, a3h);
+            float s0 = hsum256(a0), s1 = hsum256(a1), s2 = hsum256(a2), s3 = hsum256(a3);
+            for (int64_t i = i_end; i < d; i++) {
+                s0 += p0[i] * row[i]; s1 += p1[i] * row[i]; s2 += p2[i] * row[i]; s3 += p3[i] * row[i];
+            }
+            acc[w0 * k + j] = b1[j] + s0;
+            acc[(w0 + 1) * k + j] = b1[j] + s1;
+            acc[(w0 + 2) * k + j] = b1[j] + s2;
+            acc[(w0 + 3) * k + j] = b1[j] + s3;
         }
     }
 #endif
-    /* the rest: windows w >= w0 for every output, and outputs j >= j_end of the tiled windows */
-    for (int64_t w = 0; w < W; w++) {
-        int64_t j0 = w < w0 ? j_end : 0;
-        if (j0 >= k) continue;
-        float *a = acc + w * k;
-        for (int64_t j = j0; j < k; j++) a[j] = b1[j];
-        for (int64_t i = 0; i < d; i++) {
-            float x = pooled[w * d + i];
-            const float *row = w1t + i * k;
-            for (int64_t j = j0; j < k; j++) a[j] += x * row[j];
+    for (int64_t w = w_end; w < W; w++) {  /* the windows left over (all of them without AVX2) */
+        const float *p = pooled + w * d;
+        for (int64_t j = 0; j < k; j++) {
+            const float *row = w1 + j * d;
+            float s = 0.0f;
+            for (int64_t i = 0; i < d; i++) s += p[i] * row[i];
+            acc[w * k + j] = b1[j] + s;
         }
     }
 }
 
 /* A layer's arguments, bound once per prefill shape, so that a call passes three pointers. */
 typedef struct {
-    const float *w1t, *b1, *w2, *b2;
+    const float *w1, *b1, *w2, *b2;
     const int64_t *lengths;
     int64_t b, n, d, k, c, window;
 } drllm_router_args;
 
 int drllm_router_logits(const drllm_router_args *args, const float *h, float *out) {
-    const float *w1t = args->w1t, *b1 = args->b1, *w2 = args->w2, *b2 = args->b2;
+    const float *w1 = args->w1, *b1 = args->b1, *w2 = args->w2, *b2 = args->b2;
     const int64_t *lengths = args->lengths;
     int64_t b = args->b, n = args->n, d = args->d, k = args->k, c = args->c, window = args->window;
     /* the weights come cold from memory (a block just streamed its own through the caches): ask for all of
      * fc1's at once, in order, so that they arrive while the pooling runs */
-    for (int64_t off = 0; off < d * k; off += 16) __builtin_prefetch(w1t + off, 0, 3);
+    for (int64_t off = 0; off < d * k; off += 16) __builtin_prefetch(w1 + off, 0, 3);
     float *scratch = malloc((size_t)(window * (d + k)) * sizeof(float));
     if (!scratch) return -1;
     float *pooled = scratch;              /* [window, d] */
@@ -113,7 +122,7 @@ int drllm_router_logits(const drllm_router_args *args, const float *h, float *ou
             float *p = pooled + w * d;
             for (int64_t i = 0; i < d; i++) p[i] *= inv;
         }
-        fc1(pooled, W, d, w1t, b1, k, acc);
+        fc1(pooled, W, d, w1, b1, k, acc);
         float *mix = acc;  /* the windows' mean activation, in place of window 0 */
         float scale = 1.0f / (float)(valid ? valid : 1);
         for (int64_t j = 0; j < k; j++) {

@@ -96,14 +96,14 @@ def load() -> ctypes.CDLL | None:
 
 
 class _Args(ctypes.Structure):
-    _fields_ = [("w1t", ctypes.c_void_p), ("b1", ctypes.c_void_p), ("w2", ctypes.c_void_p), ("b2", ctypes.c_void_p),
+    _fields_ = [("w1", ctypes.c_void_p), ("b1", ctypes.c_void_p), ("w2", ctypes.c_void_p), ("b2", ctypes.c_void_p),
                 ("lengths", ctypes.c_void_p), ("b", ctypes.c_int64), ("n", ctypes.c_int64),
                 ("d", ctypes.c_int64), ("k", ctypes.c_int64), ("c", ctypes.c_int64), ("window", ctypes.c_int64)]
 
 
 class RouterKernel:
     """The fused kernel's calls for one prefill shape: hidden [b, n, d] with `lengths` [b] valid tokens per
-    row, and per layer (fc1 weight^T [d, k], fc1 bias [k], fc2 weight [c, k], fc2 bias [c]), all float32,
+    row, and per layer (fc1 weight [k, d], fc1 bias [k], fc2 weight [c, k], fc2 bias [c]), all float32,
     contiguous, on the CPU, and kept alive by this object. Everything but the hidden state is bound here, so
     that a call costs one ctypes call with three pointers: `__call__(layer, hidden)` returns that layer's
     logits [b, c] (float32, a new tensor); `Routers.layer_logits` makes the same call on outputs it takes
@@ -120,15 +120,15 @@ class RouterKernel:
         if self.lengths.shape != (b,):
             raise ValueError(f"lengths must have shape ({b},)")
         c = layers[0][2].shape[0]
-        self.out_shape, self.n, self.d = (b, c), n, layers[0][0].shape[0]
+        self.out_shape, self.n, self.d = (b, c), n, layers[0][0].shape[1]
         self.layers = layers
         self._args = []
-        for w1t, b1, w2, b2 in layers:
-            d, k = w1t.shape
-            for t, shape in ((w1t, (d, k)), (b1, (k,)), (w2, (c, k)), (b2, (c,))):
+        for w1, b1, w2, b2 in layers:
+            k, d = w1.shape
+            for t, shape in ((w1, (k, d)), (b1, (k,)), (w2, (c, k)), (b2, (c,))):
                 if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.shape != shape:
                     raise ValueError("router weights must be contiguous float32 CPU tensors of matching shapes")
-            self._args.append(_Args(w1t.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
+            self._args.append(_Args(w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
                                     self.lengths.data_ptr(), b, n, d, k, c, window))
         self.addr = [ctypes.addressof(a) for a in self._args]
         self.fn = self._fn

@@ -97,7 +97,9 @@ class Routers(nn.Module):
             prep = self._prepare(lengths, hidden)
         prep[7][0] = layer
         kernel = prep[8]
-        if kernel is not None and hidden.dtype is torch.float32 and hidden.is_contiguous():  # shape as prepared
+        if kernel is not None:  # hidden's shape is as prepared
+            if hidden.dtype is not torch.float32 or not hidden.is_contiguous() or not hidden.is_cpu:
+                hidden = hidden.to("cpu", torch.float32).contiguous()
             outputs, pointers = prep[9]
             if kernel.fn(kernel.addr[layer], hidden.data_ptr(), pointers[layer]):
                 raise MemoryError("the fused router kernel could not allocate its scratch space")
@@ -116,14 +118,14 @@ class Routers(nn.Module):
         return torch.addmm(b2, mixed, w2t)
 
     def _prepare(self, lengths: torch.Tensor, hidden: torch.Tensor) -> tuple:
-        """What every layer of one prefill shares: the pooling weights for `lengths` and hidden's n tokens;
-        per layer (fc1 bias, fc1 weight^T, fc2 bias, fc2 weight^T), the transposes contiguous copies (an addmm
-        reading a transposed view of fc1 costs ~25 us more after a block), kept across prefills and rebuilt
-        for a layer whose weights changed (an in-place update bumps their version), or with autograd
-        recording the differentiable transposed views; and the fused kernel's bound calls where it applies."""
+        """What every layer of one prefill shares, kept across prefills while it stays valid: the pooling
+        weights for `lengths` and hidden's n tokens, and either the fused kernel's calls bound to the router
+        weights (it reads them in place, so only their storage must stay put) or, for the torch kernels,
+        each layer's weights (`_layer_weights`), rebuilt when a weight changes in place (its version moves)."""
         old = self.__dict__.get("_prep")
         grad = torch.is_grad_enabled()
-        dev = self.layers[0].fc1.weight.device
+        params = self._params()
+        dev = params[0].device
         convert = hidden.dtype != torch.float32 or hidden.device != dev
         values = tuple(lengths.tolist())
         same_shape = old is not None and old[1] == values and old[2] == hidden.shape \
@@ -136,37 +138,57 @@ class Routers(nn.Module):
             if hidden.shape[0] == 1:  # [W, n], [1, W]: 2-D kernels, with no per-layer indexing
                 weights, avg = weights[0], avg[0]
             pooling = (weights, avg, convert)
-        reuse = old is not None and not grad and not old[3]
-        if reuse and old[6][1] is not None and old[6][1] == self._weights_key(old[6][0]):
-            per_layer, key, changed = old[5], old[6], False  # no weight changed since the last prefill
+        lib = router_kernel.load() if self.fused and not grad and dev.type == "cpu" and not convert \
+            and params[0].dtype == torch.float32 and self.config.window <= router_kernel.MAX_WINDOW else None
+        kernel, per_layer = None, None
+        if lib is not None:
+            key = ("fused", tuple(t.data_ptr() for t in params))
+            if old is not None and old[6] == key and same_shape and old[8] is not None:
+                kernel = old[8]
+            else:
+                kernel = router_kernel.RouterKernel(lib, lengths, self.config.window, hidden.shape[0],
+                                                    hidden.shape[1],
+                                                    [tuple(t.detach() for t in params[i: i + 4])
+                                                     for i in range(0, len(params), 4)])
         else:
-            per_layer, key, changed = self._layer_weights(grad), None, True
-            if not grad:
-                params = [t for r in self.layers for t in (r.fc1.weight, r.fc2.weight, r.fc1.bias, r.fc2.bias)]
-                key = (params, self._weights_key(params))
-        kernel = None
-        if self.fused and not grad and dev.type == "cpu" and not convert and per_layer[0][1].dtype == torch.float32:
-            kernel = old[8] if reuse and same_shape and not changed else None
-            if kernel is None and (lib := router_kernel.load()) is not None \
-                    and self.config.window <= router_kernel.MAX_WINDOW:
-                kernel = router_kernel.RouterKernel(
-                    lib, lengths, self.config.window, hidden.shape[0], hidden.shape[1],
-                    [(w1t, b1.detach(), w2t.t().contiguous(), b2.detach()) for b1, w1t, b2, w2t in per_layer])
+            key = None if grad else self._versions(params)
+            cached = self.__dict__.get("_torch_weights")
+            if key is not None and cached is not None and cached[0] == key:
+                per_layer = cached[1]
+            else:
+                per_layer = self._layer_weights(grad)
+                self.__dict__["_torch_weights"] = (key, per_layer) if key is not None else None
         prep = (lengths, values, hidden.shape, grad, pooling, per_layer, key, [-1], kernel,
                 kernel.outputs() if kernel is not None else None)
         self.__dict__["_prep"] = prep
         return prep
 
+    def _params(self) -> list[torch.Tensor]:
+        """Every router's (fc1 weight [k, d], fc1 bias [k], fc2 weight [c, k], fc2 bias [c]), flat, cached:
+        checking that the modules still hold these tensors is cheaper than looking them up."""
+        cache = self.__dict__.get("_param_cache")
+        if cache is not None and all(d[name] is t for d, name, t in cache[0]):
+            return cache[1]
+        entries = [(m._parameters, name, m._parameters[name]) for r in self.layers for m in (r.fc1, r.fc2)
+                   for name in ("weight", "bias")]
+        flat = [t for _, _, t in entries]
+        self.__dict__["_param_cache"] = (entries, flat)
+        return flat
+
     @staticmethod
-    def _weights_key(params: list[torch.Tensor] | None) -> tuple | None:
+    def _versions(params: list[torch.Tensor]) -> tuple | None:
         # in-place updates bump a tensor's version; moving it changes its storage. Weights created in
         # inference mode have no version counter: None, so that every prefill rebuilds (slower, never stale)
-        if params is None:
-            return None
         try:
             return tuple((t._version, t.data_ptr()) for t in params)
         except RuntimeError:
             return None
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        self.__dict__.pop("_prep", None)  # .to(), .float(), ...: new storage, maybe new tensors
+        self.__dict__.pop("_param_cache", None)
+        self.__dict__.pop("_torch_weights", None)
+        return super()._apply(fn, recurse)
 
     def _layer_weights(self, grad: bool) -> list[tuple[torch.Tensor, ...]]:
         """Per layer (fc1 bias, fc1 weight^T, fc2 bias, fc2 weight^T): contiguous transposed copies, or with
