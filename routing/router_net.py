@@ -146,11 +146,14 @@ class Routers(nn.Module):
             if old is not None and old[6] == key and same_shape and old[8] is not None:
                 kernel = old[8]
             else:
-                kernel = router_kernel.RouterKernel(lib, lengths, self.config.window, hidden.shape[0],
-                                                    hidden.shape[1],
-                                                    [tuple(t.detach() for t in params[i: i + 4])
-                                                     for i in range(0, len(params), 4)])
-        else:
+                try:
+                    kernel = router_kernel.RouterKernel(lib, lengths, self.config.window, hidden.shape[0],
+                                                        hidden.shape[1],
+                                                        [tuple(t.detach() for t in params[i: i + 4])
+                                                         for i in range(0, len(params), 4)])
+                except ValueError:  # e.g. weights that are not contiguous: the torch kernels handle them
+                    kernel = None
+        if kernel is None:
             key = None if grad else self._versions(params)
             cached = self.__dict__.get("_torch_weights")
             if key is not None and cached is not None and cached[0] == key:

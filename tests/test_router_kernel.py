@@ -185,3 +185,25 @@ def test_routers_and_inputs_made_in_inference_mode(fused: bool) -> None:
             for layer in range(3):
                 torch.testing.assert_close(got[layer], _module_logits(r, layer, h, lens), atol=1e-5, rtol=1e-5)
             r.layers[1].fc1.weight.mul_(2)
+
+
+def test_replaced_or_non_contiguous_weights_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight replaced by a new Parameter is picked up at the next prefill; one that is not contiguous
+    makes that prefill take the torch kernels (the fused kernel needs contiguous weights)."""
+    torch.manual_seed(0)
+    r = Routers(RouterConfig(n_layers=2, hidden_size=24, bottleneck=8)).eval()
+    h, lens = torch.randn(1, 9, 24), torch.tensor([9])
+    with torch.inference_mode():
+        r.layer_logits(0, h, lens)
+    r.layers[1].fc1.weight = torch.nn.Parameter(torch.randn(24, 8).t())  # [8, 24], not contiguous
+    with torch.inference_mode():
+        got = [r.layer_logits(layer, h, lens) for layer in range(2)]
+    for layer in range(2):
+        torch.testing.assert_close(got[layer], _module_logits(r, layer, h, lens), atol=1e-5, rtol=1e-5)
+    assert r.__dict__["_prep"][8] is None
+    r.layers[1].fc1.weight = torch.nn.Parameter(torch.randn(8, 24))
+    with torch.inference_mode():
+        got = [r.layer_logits(layer, h, lens) for layer in range(2)]
+    for layer in range(2):
+        torch.testing.assert_close(got[layer], _module_logits(r, layer, h, lens), atol=1e-5, rtol=1e-5)
+    assert (r.__dict__["_prep"][8] is not None) == (router_kernel.load() is not None)
