@@ -3,7 +3,7 @@ matmul, side by side.
 
 A routed prefill runs router l right after block l-1, whose matmuls stream 7-14 MB of weights (default model,
 float32) through the caches. This prints the median time of (a) the pooling bmm, (b) pooling + fc1, (c) the
-whole router (`Routers.layer_logits`), and (d) a plain add of 8 x 576 floats, each timed in a tight loop and
+whole router (`Routers.layer_logits`) with the torch kernels and with the fused kernel, and (d) a plain add of 8 x 576 floats, each timed in a tight loop and
 right after a 49 x 576 x 3072 matmul (one MLP projection of a 49-token prefill). Routers cycle through all 30
 layers, as in a prefill. Not a test: read the ratios.
 
@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from routing.router_net import RouterConfig, Routers
+from routing import router_kernel
+from routing.router_net import RouterConfig, Routers, pooling_weights
 
 
 def main() -> int:
@@ -33,7 +34,7 @@ def main() -> int:
     routers = Routers(RouterConfig(L, d)).eval()
     h, lengths = torch.randn(1, n, d), torch.tensor([n])
     block_w, block_x = torch.randn(3072, d), torch.randn(n, d)
-    weights, _ = routers._weights(lengths, n, torch.device("cpu"))
+    weights, _ = pooling_weights(lengths, n, routers.config.window)
     small = torch.randn(8, d)
 
     def pool_fc1(i: int) -> torch.Tensor:
@@ -41,10 +42,19 @@ def main() -> int:
         pooled = torch.bmm(weights, h)
         return torch.addmm(r.fc1.bias, pooled.view(pooled.shape[1], -1), r.fc1.weight.t())
 
+    def torch_router(i: int) -> torch.Tensor:
+        routers.fused = False
+        return routers.layer_logits(i, h, lengths)
+
+    def fused_router(i: int) -> torch.Tensor:
+        routers.fused = True
+        return routers.layer_logits(i, h, lengths)
+
     cases: list[tuple[str, Callable[[int], object]]] = [
         ("pooling bmm", lambda i: torch.bmm(weights, h)),
         ("pooling + fc1", pool_fc1),
-        ("whole router", lambda i: routers.layer_logits(i, h, lengths)),
+        ("router, torch", lambda i: torch_router(i)),
+        *([("router, fused", lambda i: fused_router(i))] if router_kernel.load() is not None else []),
         ("add of 8 x 576", lambda i: small + small),
     ]
     print(f"torch threads {torch.get_num_threads()}; {n} tokens; median of {args.reps}")
