@@ -7,8 +7,9 @@ a 49-token prefill although their arithmetic is ~0.1 % of it (bench/router_cold.
 same arithmetic in one call. It is optional: without a C compiler, or with DRLLM_ROUTER_KERNEL=0, the torch
 kernels run, and the results agree to float32 rounding (tests/test_router_kernel.py).
 
-The shared library is cached under $DRLLM_CACHE_DIR (default ~/.cache/drllm)/native, keyed by the source,
-the compiler flags and the CPU's feature flags (it is built with -march=native).
+The shared library is cached under $DRLLM_CACHE_DIR (default ~/.cache/drllm)/native with its checksum, keyed
+by the source, the compiler command and flags, and the CPU's feature flags (it is built with -march=native).
+$CC names the compiler (split like a shell word list); otherwise cc, gcc or clang from PATH.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -52,24 +54,65 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def _compiler(compiler: str | None) -> list[str]:
+    """The compiler command: `compiler`, else $CC (split like a shell word list, so `ccache gcc` works), else
+    cc, gcc or clang from PATH. Raises RuntimeError when there is none."""
+    if compiler or os.environ.get("CC"):
+        cmd = shlex.split(compiler or os.environ["CC"])
+        if cmd:
+            return cmd
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not found:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH; set CC to use another")
+    return [found]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached(out: Path) -> bool:
+    """A cached library counts only with its checksum beside it, matching: a file cut short by a crash or a
+    full disk would otherwise be mapped, and die with SIGBUS, at load."""
+    try:
+        return out.is_file() and out.with_suffix(".sha256").read_text().strip() == _digest(out)
+    except OSError:
+        return False
+
+
 def build(compiler: str | None = None) -> Path:
-    """Compile the kernel (if not cached) and return the shared library's path.
-    Raises RuntimeError when no C compiler is found or compiling fails."""
-    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    """Compile the kernel (unless a verified build is cached) and return the shared library's path.
+
+    The cache directory is $DRLLM_CACHE_DIR/native (default ~/.cache/drllm/native); where it cannot be
+    written (a read-only home), the build goes to a fresh temporary directory instead. Raises RuntimeError
+    when there is no C compiler or compiling fails, OSError when no directory can be written."""
+    cc = _compiler(compiler)
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + repr((cc, FLAGS, platform.machine(), _cpu_flags())).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"router_kernel-{key}.so"
-    if out.exists():
+    name = f"router_kernel-{key}.so"
+    out = _cache_dir() / name
+    if _cached(out):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_out = Path(tmp) / out.name
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent))
+    except OSError as e:
+        log.info("router kernel cache %s is not writable (%s): building in a temporary directory", out.parent, e)
+        staging = Path(tempfile.mkdtemp(prefix="drllm-native-"))
+        out = staging / name
+    tmp_out = staging / f"build-{name}"
+    try:
+        res = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed: {res.stderr.strip()[:500]}")
-        os.replace(tmp_out, out)  # atomic: concurrent builders leave one complete file
+        sha = staging / f"build-{name}.sha256"
+        sha.write_text(_digest(tmp_out))
+        # atomic renames, the library first: concurrent builders each leave a complete, verified pair
+        os.replace(tmp_out, out)
+        os.replace(sha, out.with_suffix(".sha256"))
+    finally:
+        if staging != out.parent:
+            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -84,13 +127,18 @@ def load() -> ctypes.CDLL | None:
             return _lib
         if os.environ.get("DRLLM_ROUTER_KERNEL", "1") not in ("0", "false", "no"):
             try:
-                lib = ctypes.CDLL(str(build()))
+                path = build()
+                lib = ctypes.CDLL(str(path))
                 fn = lib.drllm_router_logits
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
                 fn.restype = ctypes.c_int
                 _lib = lib
-            except (OSError, RuntimeError) as e:
+                log.info("fused router kernel: %s", path)
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+                # AttributeError: a library without the kernel's function
                 log.warning("fused router kernel unavailable, using torch kernels: %s", e)
+        else:
+            log.info("fused router kernel switched off (DRLLM_ROUTER_KERNEL): using torch kernels")
         _tried = True
     return _lib
 

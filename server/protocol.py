@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+import types
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -30,9 +32,32 @@ Prompt = (NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | Toke
           | Annotated[list[TokenIds], Field(min_length=1)])
 
 
+def _takes_bool(tp: object) -> bool:
+    """Whether a field's type admits a JSON boolean (bool itself, or a union or Annotated holding it)."""
+    if tp is bool or tp is Any or tp is object:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _takes_bool(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_takes_bool(a) for a in typing.get_args(tp))
+    return False
+
+
 class OpenAIBaseModel(BaseModel):
-    # Unknown fields are accepted and ignored (logged), as OpenAI-compatible servers do.
-    model_config = ConfigDict(extra="allow")
+    # Unknown fields are accepted and ignored (logged), as OpenAI-compatible servers do. Numbers must be
+    # finite (NaN and infinities are 400s that say so) and never JSON booleans (pydantic's lax mode would read
+    # `true` as 1, a typo that should not silently mean budget 1.0 or n=1).
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, v: object, info: ValidationInfo) -> object:
+        if isinstance(v, bool) and info.field_name is not None:
+            field = cls.model_fields.get(info.field_name)
+            if field is not None and not _takes_bool(field.annotation):
+                raise ValueError("expected a number (or the documented type), got a boolean")
+        return v
 
     @model_validator(mode="after")
     def _log_extra(self) -> OpenAIBaseModel:

@@ -89,3 +89,37 @@ def test_while_loading_every_generation_endpoint_is_503() -> None:
             assert r.status_code == 503 and r.headers["Retry-After"] == "5", (path, r.text)
             assert r.json()["error"]["code"] == "model_not_ready"
         assert client.get("/v1/models").status_code == 503
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("budget", True, "boolean"), ("temperature", False, "boolean"), ("max_tokens", True, "boolean"),
+    ("n", True, "boolean"), ("top_p", True, "boolean"), ("seed", True, "boolean"),
+    ("budget", "NaN", "finite"), ("temperature", "Infinity", "finite"), ("repetition_penalty", "Infinity", "finite"),
+    ("top_p", "-Infinity", "finite"),
+])
+def test_booleans_and_non_finite_numbers_are_400s_that_say_so(api: TestClient, field: str, value: object,
+                                                              says: str) -> None:
+    """A JSON `true` is no number (pydantic's lax mode read it as 1: budget 1.0, n=1), and NaN or an infinity
+    gets a 400 saying so rather than "should be less than or equal to 2" (or, for repetition_penalty, none)."""
+    import json
+
+    body = json.dumps({"prompt": "ab", "max_tokens": 2, field: "__V__"}).replace('"__V__"', json.dumps(value)
+                                                                                   if isinstance(value, bool)
+                                                                                   else value)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        payload = body if path.endswith("completions") and "chat" not in path else body.replace(
+            '"prompt": "ab"', '"messages": [{"role": "user", "content": "ab"}]')
+        r = api.post(path, content=payload, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (path, r.text)
+        err = r.json()["error"]
+        assert err["param"] == field and says in err["message"], err
+
+
+def test_json_booleans_stay_booleans_where_they_belong(api: TestClient) -> None:
+    r = api.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2, "echo": True, "ignore_eos": True,
+                                          "stream": False})
+    assert r.status_code == 200, r.text
+    from server.chat_protocol import ChatCompletionRequest  # this toy model has no chat template
+
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "ab"}], logprobs=True, top_logprobs=2)
+    assert chat.logprobs is True

@@ -207,3 +207,64 @@ def test_replaced_or_non_contiguous_weights_are_used(monkeypatch: pytest.MonkeyP
     for layer in range(2):
         torch.testing.assert_close(got[layer], _module_logits(r, layer, h, lens), atol=1e-5, rtol=1e-5)
     assert (r.__dict__["_prep"][8] is not None) == (router_kernel.load() is not None)
+
+
+def _fresh_loader(monkeypatch: pytest.MonkeyPatch, cache) -> None:
+    monkeypatch.setattr(router_kernel, "_lib", None)
+    monkeypatch.setattr(router_kernel, "_tried", False)
+    monkeypatch.setenv("DRLLM_CACHE_DIR", str(cache))
+
+
+def _kernel_works(lib) -> bool:
+    torch.manual_seed(0)
+    r = Routers(RouterConfig(n_layers=1, hidden_size=16, bottleneck=8)).eval()
+    h, lens = torch.randn(1, 5, 16), torch.tensor([5])
+    w = [(x.fc1.weight.detach(), x.fc1.bias.detach(), x.fc2.weight.detach(), x.fc2.bias.detach()) for x in r.layers]
+    got = router_kernel.RouterKernel(lib, lens, 8, 1, 5, w)(0, h)
+    return bool(torch.allclose(got, _module_logits(r, 0, h, lens), atol=1e-5))
+
+
+@needs_kernel
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A library cut short (a crash or a full disk while it was written) would be mapped and kill the process
+    with SIGBUS: only a library whose checksum matches is taken from the cache."""
+    _fresh_loader(monkeypatch, tmp_path)
+    path = router_kernel.build()
+    path.write_bytes(path.read_bytes()[:1000])
+    lib = router_kernel.load()
+    assert lib is not None and _kernel_works(lib)
+    assert router_kernel._cached(path)
+
+
+@needs_kernel
+def test_a_library_without_the_kernel_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import subprocess
+
+    src = tmp_path / "empty.c"
+    src.write_text("int drllm_other;\n")
+    bogus = tmp_path / "bogus.so"
+    subprocess.run(["cc", "-shared", "-fPIC", str(src), "-o", str(bogus)], check=True)
+    _fresh_loader(monkeypatch, tmp_path)
+    monkeypatch.setattr(router_kernel, "build", lambda: bogus)
+    with caplog.at_level(logging.WARNING, logger="routing.router_kernel"):
+        assert router_kernel.load() is None
+    assert "torch kernels" in caplog.text
+
+
+@needs_kernel
+def test_an_unwritable_cache_builds_in_a_temporary_directory(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _fresh_loader(monkeypatch, blocker / "cache")  # its parent is a file: nothing can be created there
+    lib = router_kernel.load()
+    assert lib is not None and _kernel_works(lib)
+
+
+@needs_kernel
+def test_cc_may_hold_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    _fresh_loader(monkeypatch, tmp_path)
+    monkeypatch.setenv("CC", "cc -std=gnu11")
+    assert router_kernel._compiler(None) == ["cc", "-std=gnu11"]
+    lib = router_kernel.load()
+    assert lib is not None and _kernel_works(lib)
