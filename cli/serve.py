@@ -27,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="model name clients send [DRLLM_SERVED_MODEL_NAME]")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available) [DRLLM_DEVICE]")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16 [DRLLM_DTYPE]")
-    p.add_argument("--quantization", choices=("none", "int8"),
-                   help="int8: per-channel int8 weights for the blocks and LM head, CPU only [DRLLM_QUANTIZATION]")
+    p.add_argument("--quantization", choices=("none", "int8", "int4"),
+                   help="CPU only. int8: per-channel int8 weights for the blocks and LM head; int4: groups of 32 "
+                        "(as GGUF's Q4_1) for the blocks, the LM head int8 [DRLLM_QUANTIZATION]")
     p.add_argument("--torch-threads", type=int,
                    help="CPU threads for the model (default: all cores but one, left for HTTP; 0: torch's "
                         "default) [DRLLM_TORCH_THREADS]")

@@ -3,7 +3,8 @@
 `pack_blocks(model)` concatenates each block's q/k/v projections into one weight (and gate/up into
 another) and re-points the transformers modules' weights at views of the packed tensors, so memory is
 not doubled and the model's own forward (the tests' reference) still runs on the same numbers. Works for
-float weights and for `Int8Linear` (int8 rows and their scales concatenate the same way). The pack is
+float weights, for `Int8Linear` (int8 rows and their scales concatenate the same way) and for `Int4Linear`
+(codes, group scales and zeros concatenate along the outputs; the fused codes are packed once). The pack is
 rebuilt if the model's weights were moved since (a `.to(device)` gives new tensors).
 """
 
@@ -18,20 +19,24 @@ from torch import nn
 from transformers import activations as transformers_activations
 
 from . import quant
-from .quant import LINEAR_DYNAMIC, Int8Linear, int8_linear, prepack_int8
+from .quant import LINEAR_DYNAMIC, Int4Linear, Int8Linear, int4_linear, int8_linear, pack_int4, prepack_int8
 
 
 @dataclass
 class Proj:
-    """One matmul: float `weight` [out, in], or int8 `weight` with per-row `scale` [out] (and its fbgemm
-    pack, `routing.quant.prepack_int8`)."""
+    """One matmul: float `weight` [out, in]; or int8 `weight` with per-row `scale` [out] (and its fbgemm
+    pack, `routing.quant.prepack_int8`); or int4 codes as `weight` [out, in] with `int4` = (scale, zero
+    [out, in/32], the kernel's pack from `routing.quant.pack_int4`)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     packed: object | None = None
+    int4: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 is not None:
+            return int4_linear(x, self.weight, self.int4[0], self.int4[1], self.bias, self.int4[2])
         if self.scale is not None:
             if (self.packed is not None and x.dtype == torch.float32 and x.numel() == x.shape[-1]
                     and quant.PACKED_ROWS >= 1):
@@ -67,9 +72,12 @@ def fuse(mods: Sequence[nn.Module], layout: str = "out_in") -> Proj:
     and the 49152 x 576 LM head in 11.1 against 5.2 ms favour [in, out])."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
+    kinds = {type(m) if isinstance(m, (Int8Linear, Int4Linear)) else nn.Linear for m in mods}
+    if len(kinds) > 1:
+        raise ValueError("cannot fuse projections of different quantizations")
+    if isinstance(mods[0], Int4Linear):
+        return _fuse_int4(mods)
     int8 = isinstance(mods[0], Int8Linear)
-    if any(isinstance(m, Int8Linear) != int8 for m in mods):
-        raise ValueError("cannot fuse float and int8 projections")
     weight = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
     if layout == "in_out" and not int8 and weight.shape[0] >= weight.shape[1]:
         weight = weight.t().contiguous().t()
@@ -91,6 +99,30 @@ def fuse(mods: Sequence[nn.Module], layout: str = "out_in") -> Proj:
             _repoint(m, "bias", bias[row: row + n])
         row += n
     return Proj(weight, bias, scale, prepack_int8(weight, scale, bias) if scale is not None else None)
+
+
+def _fuse_int4(mods: Sequence[nn.Module]) -> Proj:
+    """`fuse` for Int4Linear modules: codes, scales, zeros and biases concatenate along the outputs (each
+    module's become views), then the fused codes are packed once (the kernel's pack interleaves rows)."""
+    parts = {name: torch.cat([getattr(m, name) for m in mods]) for name in ("codes", "scale", "zero")}
+    biases = [m.bias for m in mods if m.bias is not None]
+    bias = torch.cat([m.bias if m.bias is not None else biases[0].new_zeros(m.out_features) for m in mods]) \
+        if biases else None
+    row = 0
+    for m in mods:
+        n = m.out_features
+        for name, t in parts.items():
+            _repoint(m, name, t[row: row + n])
+        if bias is not None and m.bias is not None:
+            _repoint(m, "bias", bias[row: row + n])
+        row += n
+    codes, scale, zero = parts["codes"], parts["scale"], parts["zero"]
+    return Proj(codes, bias, int4=(scale, zero, pack_int4(codes, scale, zero)))
+
+
+def storage_key(m: nn.Module) -> int:
+    """The data pointer that moves when a projection's weights move (int4 modules: their codes)."""
+    return (m.codes if isinstance(m, Int4Linear) else m.weight).data_ptr()
 
 
 def _repoint(m: nn.Module, name: str, view: torch.Tensor) -> None:
@@ -155,8 +187,8 @@ def pack_model(hf: nn.Module, head_dim: int, layout: str = "out_in") -> PackedMo
     layers = hf.model.layers
     cached: PackedModel | None = getattr(hf, "_drllm_packed", None)
     if (cached is not None and cached.layout == layout
-            and cached.blocks[0].qkv.weight.data_ptr() == layers[0].self_attn.q_proj.weight.data_ptr()
-            and cached.head.weight.data_ptr() == hf.lm_head.weight.data_ptr()):
+            and cached.blocks[0].qkv.weight.data_ptr() == storage_key(layers[0].self_attn.q_proj)
+            and cached.head.weight.data_ptr() == storage_key(hf.lm_head)):
         return cached
     packed = PackedModel([pack_block(layer, head_dim, layout) for layer in layers], fuse([hf.lm_head], layout),
                          layout)

@@ -57,7 +57,7 @@ class BaseModel:
     source: str
     eos_token_ids: tuple[int, ...]
     fingerprint: str = field(default="")
-    quantization: str = "none"  # "none" or "int8" (routing.quant)
+    quantization: str = "none"  # "none", "int8" or "int4" (routing.quant)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -241,11 +241,12 @@ def load_model(
     trust_remote_code: bool = False,
     quantization: str | None = None,
 ) -> BaseModel:
-    """Load a base model for the executor. quantization: None/"none", or "int8" (per-channel int8 weights of
-    every block projection and the LM head, CPU only: see routing.quant). The fingerprint is taken before
-    quantizing, so router checkpoints match the same base weights at any dtype or quantization.
+    """Load a base model for the executor. quantization: None/"none", "int8" (per-channel int8 weights of
+    every block projection and the LM head) or "int4" (groups of 32, Q4_1-style, for the block projections;
+    the LM head int8), CPU only: see routing.quant. The fingerprint is taken before quantizing, so router
+    checkpoints match the same base weights at any dtype or quantization.
 
-    Raises ValueError for an unsupported architecture, dtype or quantization (int8 off CPU)."""
+    Raises ValueError for an unsupported architecture, dtype or quantization (quantized off the CPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .quant import QUANTIZATIONS, quantize_model_
@@ -257,8 +258,8 @@ def load_model(
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
     if quantization != "none" and device.type != "cpu":
-        raise ValueError(f"--quantization {quantization} is implemented for CPU (torch's int8 weight-only "
-                         "kernel); on a GPU use --dtype bfloat16")
+        raise ValueError(f"--quantization {quantization} is implemented for CPU (fbgemm's int8 and torch's "
+                         "int4 CPU kernels); on a GPU use --dtype bfloat16")
     path, name = resolve_source(source)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     spec = spec_from_config(config)

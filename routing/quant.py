@@ -1,6 +1,8 @@
-"""int8 quantization for CPU decode: per-output-channel symmetric int8 weights, float scales.
+"""Weight quantization for CPU decode: int8 (per-output-channel symmetric int8 weights, float scales) and
+int4 (groups of 32 inputs, asymmetric 4-bit codes with a scale and a zero point per group, as GGUF's Q4_1).
 
-`quantize_model_(hf)` replaces every block projection and the LM head with an `Int8Linear`, in place.
+`quantize_model_(hf, "int8")` replaces every block projection and the LM head with an `Int8Linear`, in
+place; `"int4"` makes the block projections `Int4Linear` and the LM head `Int8Linear` (see `Int4Linear`).
 Matmuls of up to `PACKED_ROWS` rows (decode at small batches) run through fbgemm's dynamically quantized
 linear (`torch.ops.quantized.linear_dynamic` on weights prepacked once, `prepack_int8`), one row per call:
 each row's activations are quantized on their own (per tensor, so per row) to 7-bit unsigned integers (`reduce_range`, which keeps AVX2's 16-bit
@@ -20,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
+INT4_GROUP = 32  # inputs per int4 group: GGUF's Q4_0/Q4_1 block size
 DEQUANT_ROWS = 32  # from this many rows per matmul on, dequantize and use the float matmul
 PACKED_ROWS = 4  # up to this many rows, fbgemm's dynamic linear one row at a time; then _weight_int8pack_mm
 
@@ -118,19 +121,120 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor]:
+    """weight [out, in] float -> (codes [out, in] uint8 in 0..15, scale [out, in/group], zero [out, in/group],
+    float32) with weight ~= (codes - 8) * scale + zero per group of `group` consecutive inputs.
+
+    Asymmetric min/max scaling per group, as GGUF's Q4_1 (scale = (max - min) / 15; zero, torch's int4
+    kernels' zero point, is the value of code 8), so a weight that came from a Q4_1 file with the same
+    groups is represented exactly (to float32 rounding). Raises ValueError when `in` is not a multiple of
+    `group`."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"int4 needs the input size ({k}) to be a multiple of {group}")
+    g = w.view(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k)
+    return codes, scale, lo + 8 * scale
+
+
+def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(codes [out, in], scale, zero [out, in/group]) -> weight [out, in] in `dtype`."""
+    n, k = codes.shape
+    g = codes.view(n, scale.shape[1], -1).to(torch.float32) - 8
+    return (g * scale[..., None] + zero[..., None]).view(n, k).to(dtype)
+
+
+def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """torch's CPU int4 kernel form of (codes, scale, zero): (packed [out, in/2] uint8, scales and zeros
+    [in/group, out, 2] bfloat16), for `int4_linear`; None off the CPU. The bfloat16 group scales and zeros
+    are what that kernel takes (with bfloat16 activations): a relative rounding of ~2^-9 per group."""
+    if codes.device.type != "cpu":
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+    sz = torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous()
+    return packed, sz
+
+
+def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                bias: torch.Tensor | None = None, packed: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+    """x [..., in] @ dequantize_int4(codes, scale, zero)^T + bias -> [..., out] in x's dtype.
+
+    Fewer than DEQUANT_ROWS rows with `packed` (`pack_int4`; decode): torch's int4 weight-only kernel
+    (`_weight_int4pack_mm_for_cpu`) on bfloat16 activations, which reads half a byte per weight; one 576 ->
+    1536 row takes ~54 us against int8's ~84 us and float32's ~228 us (2 threads, weights from memory, this
+    AMD EPYC). More rows (prefill): the weights are dequantized in float32 for the float matmul."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    group = codes.shape[1] // scale.shape[1]
+    if packed is not None and x2.shape[0] < DEQUANT_ROWS:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed[0], group,
+                                                         packed[1]).to(x.dtype)
+        if bias is not None:
+            out = out + bias
+    else:
+        out = F.linear(x2, dequantize_int4(codes, scale, zero, x.dtype), bias)
+    return out.view(*shape[:-1], out.shape[-1])
+
+
+class Int4Linear(nn.Module):
+    """Drop-in for nn.Linear with int4 weights: buffers `codes` [out, in] uint8 (0..15), `scale` and `zero`
+    [out, in/32] float32 (see `quantize_int4`), and the bias. Decode reads the kernel's packed copy (half a
+    byte per weight, built on first use); prefill dequantizes the codes."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = codes.shape[1], codes.shape[0]
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.register_buffer("bias", bias)
+        self._packed: tuple[int, tuple[torch.Tensor, torch.Tensor] | None] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized float32 weight [out, in] (a new tensor; for inspection and tests)."""
+        return dequantize_int4(self.codes, self.scale, self.zero)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
+        codes, scale, zero = quantize_int4(linear.weight)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        dev = linear.weight.device
+        return cls(codes.to(dev), scale.to(dev), zero.to(dev), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ptr = self.codes.data_ptr()
+        if self._packed is None or self._packed[0] != ptr:
+            self._packed = (ptr, pack_int4(self.codes, self.scale, self.zero))
+        return int4_linear(x, self.codes, self.scale, self.zero, self.bias, self._packed[1])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of 32"
+
+
 def quantize_model_(hf: nn.Module, quantization: str) -> None:
     """Quantize a transformers *ForCausalLM in place: every nn.Linear of the decoder blocks and the LM head.
 
     The embedding table stays in float (a decode step reads one row of it); a tied LM head gets its own
-    int8 copy. Raises ValueError for an unknown quantization."""
+    int8 copy. With "int4" the block projections are `Int4Linear` and the LM head stays int8 (GGUF files keep
+    the output or embedding table at 6-8 bits too; SmolLM2's is Q8_0). Raises ValueError for an unknown
+    quantization, or for int4 with an input size that is not a multiple of 32."""
     if quantization in (None, "", "none"):
         return
-    if quantization != "int8":
+    if quantization not in ("int8", "int4"):
         raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    block_linear = Int4Linear if quantization == "int4" else Int8Linear
     for layer in hf.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear.from_linear(child))
+                    setattr(parent, name, block_linear.from_linear(child))
     hf.lm_head = Int8Linear.from_linear(hf.lm_head)
     hf.config.tie_word_embeddings = False

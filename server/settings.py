@@ -31,7 +31,7 @@ class ServerSettings(BaseSettings):
     served_model_name: str | None = None  # the name clients send as `model` (default: the model's name)
     device: str | None = None  # cpu, cuda, cuda:1 (default: cuda if available)
     dtype: str = "auto"
-    quantization: Literal["none", "int8"] = "none"  # int8: per-channel int8 weights, CPU only (routing.quant)
+    quantization: Literal["none", "int8", "int4"] = "none"  # CPU only (routing.quant): int8 per channel, int4 per 32
     torch_threads: int | None = Field(None, ge=0)  # CPU intra-op threads; None: all cores but one; 0: torch's
     log_level: str = "info"
     # routing profiles NAME=SPEC, served as <model>:<NAME>; DRLLM_PROFILES is comma-separated ("" for none)

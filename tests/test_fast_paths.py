@@ -212,8 +212,10 @@ def test_int8_model_executor_matches_its_transformers_forward(arch: str, packed_
 
 
 def test_quantization_option_errors() -> None:
-    with pytest.raises(ValueError, match="int4"):
-        load_model("default", device="cpu", quantization="int4")
+    with pytest.raises(ValueError, match="int3"):
+        load_model("default", device="cpu", quantization="int3")
+    with pytest.raises(ValueError, match="CPU"):
+        load_model("default", device="cuda", quantization="int4")
     with pytest.raises(ValueError, match="CPU"):
         load_model("default", device="cuda", quantization="int8")
 
@@ -273,3 +275,85 @@ def test_copy_rows_copies_every_slot() -> None:
             for a, b in zip(ex.cache.read(layer, r, slice(s, s + 1), 5), ex.cache.read(layer, r, slice(d, d + 1), 5),
                             strict=True):
                 assert torch.equal(a, b)
+
+
+def test_int4_weights_round_trip_within_half_a_step_and_keep_q4_1_weights_exactly() -> None:
+    from routing.quant import dequantize_int4, quantize_int4
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 64) * torch.logspace(-3, 1, 40)[:, None]
+    codes, scale, zero = quantize_int4(w)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and scale.shape == zero.shape == (40, 2)
+    step = scale.repeat_interleave(32, 1)
+    assert ((dequantize_int4(codes, scale, zero) - w).abs() <= step / 2 + 1e-6 * w.abs().max()).all()
+    # weights that are Q4_1 values already (d * q + m per block of 32, q spanning 0..15) come back exactly
+    q = torch.randint(0, 16, (40, 64))
+    q[:, 0], q[:, 1], q[:, 32], q[:, 33] = 0, 15, 0, 15
+    d, m = torch.rand(40, 2) + 0.01, torch.randn(40, 2)
+    w = (q.view(40, 2, 32) * d[..., None] + m[..., None]).view(40, 64)
+    codes, scale, zero = quantize_int4(w)
+    assert torch.equal(codes.long(), q)
+    torch.testing.assert_close(dequantize_int4(codes, scale, zero), w, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_int4(torch.randn(8, 40))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the int4 kernel is CPU-only")
+def test_int4_linear_matches_its_dequantized_weights() -> None:
+    """Decode-sized rows (torch's int4 kernel, bfloat16 activations and group scales) to bfloat16 accuracy,
+    each row on its own; prefill-sized ones (dequantized float32 weights) to float32 accuracy."""
+    from routing.quant import Int4Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    q = Int4Linear.from_linear(lin)
+    ref_w = q.weight
+    for rows in (1, 3, 31):
+        x = torch.randn(rows, 64)
+        got = q(x)
+        ref = F.linear(x, ref_w, q.bias)
+        torch.testing.assert_close(got, ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
+        assert torch.equal(q(x[:1])[0], got[0])
+    x = torch.randn(2, 20, 64)  # 40 rows: prefill
+    torch.testing.assert_close(q(x), F.linear(x, ref_w, q.bias), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the int4 kernel is CPU-only")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int4_model_executor_matches_its_transformers_forward(arch: str) -> None:
+    """Quantized in place, the transformers model and the executor (fused int4 QKV and gate+up, packed
+    once for the fused rows) run the same int4 weights; prefill and cached decode agree with the model's own
+    forward to within bfloat16 activations."""
+    from routing.quant import Int4Linear
+
+    model = tiny_model(arch)
+    quantize_model_(model.hf, "int4")
+    assert isinstance(model.hf.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert isinstance(model.hf.lm_head, Int8Linear)
+    plan = LayerPlan((1, 2, 0, 1, 1, 2))
+    seq = torch.randint(0, 96, (1, 10))
+    ex = RoutedExecutor(model)
+    plans = torch.tensor([plan.counts])
+    got = [ex.forward(seq[:, :6], torch.zeros(1, dtype=torch.long), plans=plans).logits[0]]
+    for t in range(6, 10):
+        got.append(ex.forward(seq[:, t: t + 1], torch.tensor([t]), plans=plans).logits[0])
+    ref = reference_logits(model, plan, seq)[0, 5:]
+    torch.testing.assert_close(torch.stack(got), ref, atol=4e-2 * ref.abs().max().item(), rtol=0)
+    # the fused projection is the modules' own: their codes are views of its packed rows
+    hd = model.spec.head_dim
+    packed = pack_model(model.hf, hd)
+    assert packed.blocks[0].qkv.weight.data_ptr() == model.hf.model.layers[0].self_attn.q_proj.codes.data_ptr()
+    assert pack_model(model.hf, hd) is packed  # cached while the codes stay put
+
+
+@pytest.mark.slow
+def test_int4_holds_the_default_models_q4_1_block_weights_exactly(default_model) -> None:
+    """The default model comes from a Q4_1 GGUF (blocks of 32 along the inputs): its block weights are
+    already int4 values, so quantizing them again loses nothing."""
+    from routing.quant import dequantize_int4, quantize_int4
+
+    layer = default_model.hf.model.layers[7]
+    for lin in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.down_proj):
+        w = lin.weight.detach().float()
+        back = dequantize_int4(*quantize_int4(w))
+        assert (back - w).abs().max().item() <= 1e-5 * w.abs().max().item()
