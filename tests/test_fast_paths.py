@@ -184,6 +184,19 @@ def test_int8_linear_matches_its_dequantized_weights() -> None:
     torch.testing.assert_close(q(many), ref, atol=1e-5, rtol=1e-5)
 
 
+def _prefill_then_decode(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 6-token prefill and 4 cached decode steps along a plan with skips and repeats: the executor's
+    logits [5, vocab] and the model's own forward's for the same positions."""
+    plan = LayerPlan((1, 2, 0, 1, 1, 2))
+    seq = torch.randint(0, 96, (1, 10))
+    ex = RoutedExecutor(model)
+    plans = torch.tensor([plan.counts])
+    got = [ex.forward(seq[:, :6], torch.zeros(1, dtype=torch.long), plans=plans).logits[0]]
+    for t in range(6, 10):
+        got.append(ex.forward(seq[:, t: t + 1], torch.tensor([t]), plans=plans).logits[0])
+    return torch.stack(got), reference_logits(model, plan, seq)[0, 5:]
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the int8 kernel is CPU-only")
 @pytest.mark.parametrize("packed_rows", [0, quant.PACKED_ROWS], ids=["weight-only", "fbgemm"])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -199,16 +212,9 @@ def test_int8_model_executor_matches_its_transformers_forward(arch: str, packed_
     model = tiny_model(arch)
     quantize_model_(model.hf, "int8")
     assert isinstance(model.hf.lm_head, Int8Linear)
-    plan = LayerPlan((1, 2, 0, 1, 1, 2))
-    seq = torch.randint(0, 96, (1, 10))
-    ex = RoutedExecutor(model)
-    plans = torch.tensor([plan.counts])
-    got = [ex.forward(seq[:, :6], torch.zeros(1, dtype=torch.long), plans=plans).logits[0]]
-    for t in range(6, 10):
-        got.append(ex.forward(seq[:, t: t + 1], torch.tensor([t]), plans=plans).logits[0])
-    ref = reference_logits(model, plan, seq)[0, 5:]
+    got, ref = _prefill_then_decode(model)
     atol = max(2e-3, ATOL) if not packed_rows else 4e-2 * ref.abs().max().item()
-    torch.testing.assert_close(torch.stack(got), ref, atol=atol, rtol=0)
+    torch.testing.assert_close(got, ref, atol=atol, rtol=0)
 
 
 def test_quantization_option_errors() -> None:
@@ -330,15 +336,8 @@ def test_int4_model_executor_matches_its_transformers_forward(arch: str) -> None
     quantize_model_(model.hf, "int4")
     assert isinstance(model.hf.model.layers[0].self_attn.q_proj, Int4Linear)
     assert isinstance(model.hf.lm_head, Int8Linear)
-    plan = LayerPlan((1, 2, 0, 1, 1, 2))
-    seq = torch.randint(0, 96, (1, 10))
-    ex = RoutedExecutor(model)
-    plans = torch.tensor([plan.counts])
-    got = [ex.forward(seq[:, :6], torch.zeros(1, dtype=torch.long), plans=plans).logits[0]]
-    for t in range(6, 10):
-        got.append(ex.forward(seq[:, t: t + 1], torch.tensor([t]), plans=plans).logits[0])
-    ref = reference_logits(model, plan, seq)[0, 5:]
-    torch.testing.assert_close(torch.stack(got), ref, atol=4e-2 * ref.abs().max().item(), rtol=0)
+    got, ref = _prefill_then_decode(model)
+    torch.testing.assert_close(got, ref, atol=4e-2 * ref.abs().max().item(), rtol=0)
     # the fused projection is the modules' own: their codes are views of its packed rows
     hd = model.spec.head_dim
     packed = pack_model(model.hf, hd)
