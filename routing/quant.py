@@ -151,10 +151,10 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 
 def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """torch's CPU int4 kernel form of (codes, scale, zero): (packed [out, in/2] uint8, scales and zeros
-    [in/group, out, 2] bfloat16), for `int4_linear`; None off the CPU. The bfloat16 group scales and zeros
+    [in/group, out, 2] bfloat16), for `int4_linear`; None off the CPU or without the kernel. The bfloat16 group scales and zeros
     are what that kernel takes (with bfloat16 activations): a relative rounding of ~2^-9 per group."""
-    if codes.device.type != "cpu":
-        return None
+    if codes.device.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None  # (the CPU int4 ops came with torch 2.6; without them every matmul dequantizes)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
     sz = torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous()
     return packed, sz
