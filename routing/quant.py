@@ -145,8 +145,9 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(codes [out, in], scale, zero [out, in/group]) -> weight [out, in] in `dtype`."""
     n, k = codes.shape
-    g = codes.view(n, scale.shape[1], -1).to(torch.float32) - 8
-    return (g * scale[..., None] + zero[..., None]).view(n, k).to(dtype)
+    g = codes.view(n, scale.shape[1], -1).to(torch.float32)
+    lo = (zero - 8 * scale)[..., None]  # the value of code 0
+    return torch.addcmul(lo, g, scale[..., None]).view(n, k).to(dtype)
 
 
 def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -165,14 +166,15 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero:
                 ) -> torch.Tensor:
     """x [..., in] @ dequantize_int4(codes, scale, zero)^T + bias -> [..., out] in x's dtype.
 
-    Fewer than DEQUANT_ROWS rows with `packed` (`pack_int4`; decode): torch's int4 weight-only kernel
-    (`_weight_int4pack_mm_for_cpu`) on bfloat16 activations, which reads half a byte per weight; one 576 ->
-    1536 row takes ~54 us against int8's ~84 us and float32's ~228 us (2 threads, weights from memory, this
-    AMD EPYC). More rows (prefill): the weights are dequantized in float32 for the float matmul."""
+    With `packed` (`pack_int4`): torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`) on bfloat16
+    activations, which reads half a byte per weight, at any number of rows. Measured on this AMD EPYC, a
+    576 -> 1536 product: one row ~54 us against int8's ~84 us and float32's ~228 us (2 threads, weights from
+    memory); 49 rows (a prefill) 1.3 ms, as float32's F.linear, where dequantizing first took ~9 ms (1 thread).
+    Without it (off the CPU, torch < 2.6): the weights are dequantized in x's dtype for the float matmul."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     group = codes.shape[1] // scale.shape[1]
-    if packed is not None and x2.shape[0] < DEQUANT_ROWS:
+    if packed is not None:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed[0], group,
                                                          packed[1]).to(x.dtype)
         if bias is not None:
@@ -184,8 +186,8 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero:
 
 class Int4Linear(nn.Module):
     """Drop-in for nn.Linear with int4 weights: buffers `codes` [out, in] uint8 (0..15), `scale` and `zero`
-    [out, in/32] float32 (see `quantize_int4`), and the bias. Decode reads the kernel's packed copy (half a
-    byte per weight, built on first use); prefill dequantizes the codes."""
+    [out, in/32] float32 (see `quantize_int4`), and the bias. Matmuls read the kernel's packed copy (half a
+    byte per weight, built on first use; see `int4_linear`)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  bias: torch.Tensor | None) -> None:

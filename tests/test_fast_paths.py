@@ -306,22 +306,24 @@ def test_int4_weights_round_trip_within_half_a_step_and_keep_q4_1_weights_exactl
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the int4 kernel is CPU-only")
 def test_int4_linear_matches_its_dequantized_weights() -> None:
-    """Decode-sized rows (torch's int4 kernel, bfloat16 activations and group scales) to bfloat16 accuracy,
-    each row on its own; prefill-sized ones (dequantized float32 weights) to float32 accuracy."""
-    from routing.quant import Int4Linear
+    """Torch's int4 kernel (bfloat16 activations and group scales), for decode and prefill-sized inputs, to
+    bfloat16 accuracy and each row on its own; without the kernel (its pack is None), the dequantized float32
+    weights to float32 accuracy."""
+    from routing.quant import Int4Linear, int4_linear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
     q = Int4Linear.from_linear(lin)
     ref_w = q.weight
-    for rows in (1, 3, 31):
-        x = torch.randn(rows, 64)
+    for shape in ((1, 64), (3, 64), (2, 20, 64), (1, 130, 64)):
+        x = torch.randn(shape)
         got = q(x)
         ref = F.linear(x, ref_w, q.bias)
+        assert got.shape == ref.shape and got.dtype == torch.float32
         torch.testing.assert_close(got, ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
-        assert torch.equal(q(x[:1])[0], got[0])
-    x = torch.randn(2, 20, 64)  # 40 rows: prefill
-    torch.testing.assert_close(q(x), F.linear(x, ref_w, q.bias), atol=1e-5, rtol=0)
+        first = x.reshape(-1, 64)[:1]
+        assert torch.equal(q(first)[0], got.reshape(-1, 48)[0])
+        torch.testing.assert_close(int4_linear(x, q.codes, q.scale, q.zero, q.bias, None), ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the int4 kernel is CPU-only")
