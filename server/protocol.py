@@ -32,31 +32,46 @@ Prompt = (NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | Toke
           | Annotated[list[TokenIds], Field(min_length=1)])
 
 
-def _takes_bool(tp: object) -> bool:
-    """Whether a field's type admits a JSON boolean (bool itself, or a union or Annotated holding it)."""
-    if tp is bool or tp is Any or tp is object:
-        return True
+def _kinds(tp: object) -> set[object]:
+    """The plain types a field's annotation admits, through unions and Annotated (Any counts as Any)."""
     origin = typing.get_origin(tp)
     if origin is Annotated:
-        return _takes_bool(typing.get_args(tp)[0])
+        return _kinds(typing.get_args(tp)[0])
     if origin in (typing.Union, types.UnionType):
-        return any(_takes_bool(a) for a in typing.get_args(tp))
-    return False
+        return set().union(*(_kinds(a) for a in typing.get_args(tp)))
+    return {origin or tp}
+
+
+def _has_bool(v: object) -> bool:
+    return isinstance(v, bool) or (isinstance(v, list) and any(_has_bool(x) for x in v))
+
+
+def _check_json_types(v: object, annotation: object) -> None:
+    """JSON booleans only where a field is boolean, and only booleans there: pydantic's lax mode reads `true`
+    as 1 (budget 1.0, n=1, token id 1, also inside token-id lists) and "yes", "on" or 1 as true. Raises
+    ValueError naming what was expected."""
+    kinds = _kinds(annotation)
+    if Any in kinds or object in kinds:
+        return
+    if bool in kinds:
+        if not isinstance(v, bool) and v is not None and kinds <= {bool, type(None)}:
+            raise ValueError("expected true or false")
+    elif _has_bool(v):
+        raise ValueError("a boolean is not valid here" if isinstance(v, bool) else "a list here cannot hold booleans")
 
 
 class OpenAIBaseModel(BaseModel):
     # Unknown fields are accepted and ignored (logged), as OpenAI-compatible servers do. Numbers must be
-    # finite (NaN and infinities are 400s that say so) and never JSON booleans (pydantic's lax mode would read
-    # `true` as 1, a typo that should not silently mean budget 1.0 or n=1).
+    # finite (NaN and infinities are 400s that say so), and JSON booleans stand only for boolean fields
+    # (`_check_json_types`).
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_boolean_numbers(cls, v: object, info: ValidationInfo) -> object:
-        if isinstance(v, bool) and info.field_name is not None:
-            field = cls.model_fields.get(info.field_name)
-            if field is not None and not _takes_bool(field.annotation):
-                raise ValueError("expected a number (or the documented type), got a boolean")
+    def _json_types(cls, v: object, info: ValidationInfo) -> object:
+        field = cls.model_fields.get(info.field_name) if info.field_name is not None else None
+        if field is not None:
+            _check_json_types(v, field.annotation)
         return v
 
     @model_validator(mode="after")
@@ -81,7 +96,7 @@ class ErrorResponse(BaseModel):
 
 
 # --- fields shared by Completions and Chat Completions ----------------------------------------------
-class StreamOptions(BaseModel):
+class StreamOptions(OpenAIBaseModel):
     include_usage: bool | None = False
 
 
@@ -103,7 +118,7 @@ class SamplingRequest(OpenAIBaseModel):
     presence_penalty: float | None = Field(None, json_schema_extra=NEUTRAL_ZERO)
     frequency_penalty: float | None = Field(None, json_schema_extra=NEUTRAL_ZERO)
     # vLLM extensions
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)  # above the vocabulary it keeps every token
     min_p: float | None = Field(None, ge=0, le=1)
     min_tokens: int = Field(0, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)

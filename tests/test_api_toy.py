@@ -115,6 +115,23 @@ def test_booleans_and_non_finite_numbers_are_400s_that_say_so(api: TestClient, f
         assert err["param"] == field and says in err["message"], err
 
 
+@pytest.mark.parametrize(("body", "param", "says"), [
+    ({"prompt": [True, False]}, "prompt", "boolean"),  # were read as token ids 1 and 0
+    ({"prompt": [[1, 2], [True]]}, "prompt", "boolean"),
+    ({"prompt": "ab", "stream": 0}, "stream", "true or false"),  # lax mode read 0/1/"yes"/"on" as booleans
+    ({"prompt": "ab", "echo": "yes"}, "echo", "true or false"),
+    ({"prompt": "ab", "ignore_eos": "on"}, "ignore_eos", "true or false"),
+    ({"prompt": "ab", "stream": True, "stream_options": {"include_usage": 1}}, "stream_options", "true or false"),
+    ({"prompt": "ab", "routing": True}, "routing", "boolean is not valid"),
+    ({"prompt": "ab", "top_k": 10**23, "temperature": 1}, "top_k", "less than or equal"),  # was a 500 (overflow)
+])
+def test_json_types_are_what_the_fields_say(api: TestClient, body: dict, param: str, says: str) -> None:
+    r = api.post("/v1/completions", json={"max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"].startswith(param) and says in err["message"], err
+
+
 def test_json_booleans_stay_booleans_where_they_belong(api: TestClient) -> None:
     r = api.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2, "echo": True, "ignore_eos": True,
                                           "stream": False})
@@ -123,3 +140,8 @@ def test_json_booleans_stay_booleans_where_they_belong(api: TestClient) -> None:
 
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "ab"}], logprobs=True, top_logprobs=2)
     assert chat.logprobs is True
+    with pytest.raises(ValueError, match="true or false"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "ab"}], logprobs=1)
+    r = api.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2, "top_k": 2**31 - 1, "temperature": 1,
+                                          "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200, r.text
