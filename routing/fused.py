@@ -60,8 +60,9 @@ LAYOUTS = ("out_in", "in_out")
 
 
 def fuse(mods: Sequence[nn.Module], layout: str = "out_in") -> Proj:
-    """Concatenate the output rows of nn.Linear / Int8Linear modules into one Proj; each module's tensors
-    become views of the packed ones.
+    """Concatenate the output rows of nn.Linear / Int8Linear / Int4Linear modules into one Proj (their
+    weights, int8 scales, or int4 codes, scales and zeros, and biases); each module's tensors become views of
+    the packed ones.
 
     layout (float weights only): "out_in" stores W [out, in] contiguous (transformers' layout); "in_out"
     stores W^T [in, out] contiguous and exposes W as its transposed view: F.linear then runs x @ W^T on a
@@ -75,39 +76,16 @@ def fuse(mods: Sequence[nn.Module], layout: str = "out_in") -> Proj:
     kinds = {type(m) if isinstance(m, (Int8Linear, Int4Linear)) else nn.Linear for m in mods}
     if len(kinds) > 1:
         raise ValueError("cannot fuse projections of different quantizations")
-    if isinstance(mods[0], Int4Linear):
-        return _fuse_int4(mods)
-    int8 = isinstance(mods[0], Int8Linear)
-    weight = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
-    if layout == "in_out" and not int8 and weight.shape[0] >= weight.shape[1]:
-        weight = weight.t().contiguous().t()
-    else:
-        weight = weight.contiguous()
-    scale = (torch.cat([m.scale for m in mods]) if len(mods) > 1 else mods[0].scale) if int8 else None
-    bias = None
+    int4, int8 = isinstance(mods[0], Int4Linear), isinstance(mods[0], Int8Linear)
+    names = ("codes", "scale", "zero") if int4 else ("weight", "scale") if int8 else ("weight",)
+    parts = {name: _cat([getattr(m, name).detach() for m in mods]) for name in names}
+    main = parts[names[0]]  # weight or codes [out, in]
+    tall = main.shape[0] >= main.shape[1]
+    parts[names[0]] = main.t().contiguous().t() if layout == "in_out" and tall and not (int4 or int8) \
+        else main.contiguous()
     biases = [m.bias for m in mods if m.bias is not None]
-    if biases:
-        bias = torch.cat([m.bias.detach() if m.bias is not None
-                          else biases[0].new_zeros(m.weight.shape[0]) for m in mods])
-    row = 0
-    for m in mods:
-        n = m.weight.shape[0]
-        _repoint(m, "weight", weight[row: row + n])
-        if scale is not None:
-            _repoint(m, "scale", scale[row: row + n])
-        if bias is not None and m.bias is not None:
-            _repoint(m, "bias", bias[row: row + n])
-        row += n
-    return Proj(weight, bias, scale, prepack_int8(weight, scale, bias) if scale is not None else None)
-
-
-def _fuse_int4(mods: Sequence[nn.Module]) -> Proj:
-    """`fuse` for Int4Linear modules: codes, scales, zeros and biases concatenate along the outputs (each
-    module's become views), then the fused codes are packed once (the kernel's pack interleaves rows)."""
-    parts = {name: torch.cat([getattr(m, name) for m in mods]) for name in ("codes", "scale", "zero")}
-    biases = [m.bias for m in mods if m.bias is not None]
-    bias = torch.cat([m.bias if m.bias is not None else biases[0].new_zeros(m.out_features) for m in mods]) \
-        if biases else None
+    bias = _cat([m.bias.detach() if m.bias is not None else biases[0].new_zeros(m.out_features)
+                 for m in mods]) if biases else None
     row = 0
     for m in mods:
         n = m.out_features
@@ -116,8 +94,15 @@ def _fuse_int4(mods: Sequence[nn.Module]) -> Proj:
         if bias is not None and m.bias is not None:
             _repoint(m, "bias", bias[row: row + n])
         row += n
-    codes, scale, zero = parts["codes"], parts["scale"], parts["zero"]
-    return Proj(codes, bias, int4=(scale, zero, pack_int4(codes, scale, zero)))
+    if int4:  # packed once for the fused rows: the kernel's pack interleaves rows
+        codes, scale, zero = parts["codes"], parts["scale"], parts["zero"]
+        return Proj(codes, bias, int4=(scale, zero, pack_int4(codes, scale, zero)))
+    weight, scale = parts["weight"], parts.get("scale")
+    return Proj(weight, bias, scale, prepack_int8(weight, scale, bias) if scale is not None else None)
+
+
+def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
 
 
 def storage_key(m: nn.Module) -> int:

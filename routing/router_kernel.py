@@ -163,7 +163,7 @@ class RouterKernel:
                  layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"the fused router kernel supports 1 to {MAX_WINDOW} windows")
-        self._fn = lib.drllm_router_logits
+        self.fn = lib.drllm_router_logits
         self.lengths = lengths.to(torch.int64, copy=True)  # owned: the caller may reuse its tensor
         if self.lengths.shape != (b,):
             raise ValueError(f"lengths must have shape ({b},)")
@@ -179,7 +179,6 @@ class RouterKernel:
             self._args.append(_Args(w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
                                     self.lengths.data_ptr(), b, n, d, k, c, window))
         self.addr = [ctypes.addressof(a) for a in self._args]
-        self.fn = self._fn
 
     def outputs(self) -> tuple[list[torch.Tensor], list[int]]:
         """Fresh output tensors, one [b, c] per layer, and their data pointers (for `fn`)."""

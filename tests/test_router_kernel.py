@@ -99,11 +99,16 @@ def test_routed_prefill_with_the_fused_kernel_equals_the_torch_kernels(arch: str
         torch.testing.assert_close(torch.tensor(pa), torch.tensor(pb), atol=1e-5, rtol=0)
 
 
-def test_without_a_compiler_the_torch_kernels_run(monkeypatch: pytest.MonkeyPatch, tmp_path,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def _fresh_loader(monkeypatch: pytest.MonkeyPatch, cache) -> None:
+    """Forget the process's kernel, so that the next `load()` builds again, with its cache under `cache`."""
     monkeypatch.setattr(router_kernel, "_lib", None)
     monkeypatch.setattr(router_kernel, "_tried", False)
-    monkeypatch.setenv("DRLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DRLLM_CACHE_DIR", str(cache))
+
+
+def test_without_a_compiler_the_torch_kernels_run(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    _fresh_loader(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises((RuntimeError, OSError)):
         router_kernel.build()
@@ -119,9 +124,8 @@ def test_without_a_compiler_the_torch_kernels_run(monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(got, _module_logits(r, 1, h, lens), atol=1e-5, rtol=0)
 
 
-def test_the_kernel_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(router_kernel, "_lib", None)
-    monkeypatch.setattr(router_kernel, "_tried", False)
+def test_the_kernel_can_be_switched_off(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    _fresh_loader(monkeypatch, tmp_path)
     monkeypatch.setenv("DRLLM_ROUTER_KERNEL", "0")
     assert router_kernel.load() is None
 
@@ -207,12 +211,6 @@ def test_replaced_or_non_contiguous_weights_are_used(monkeypatch: pytest.MonkeyP
     for layer in range(2):
         torch.testing.assert_close(got[layer], _module_logits(r, layer, h, lens), atol=1e-5, rtol=1e-5)
     assert (r.__dict__["_prep"][8] is not None) == (router_kernel.load() is not None)
-
-
-def _fresh_loader(monkeypatch: pytest.MonkeyPatch, cache) -> None:
-    monkeypatch.setattr(router_kernel, "_lib", None)
-    monkeypatch.setattr(router_kernel, "_tried", False)
-    monkeypatch.setenv("DRLLM_CACHE_DIR", str(cache))
 
 
 def _kernel_works(lib) -> bool:
