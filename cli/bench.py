@@ -24,4 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="wall time, or process CPU time (use with --threads 1 on a busy machine)")
     p.add_argument("--llamacpp-tps", type=float, default=0.0,
                    help="llama.cpp's batch-1 decode tokens/s measured on this machine, to print the ratio")
+    p.add_argument("--llamacpp-python", default="",
+                   help="python of an environment with llama-cpp-python (bench/llamacpp_env.sh): run llama.cpp "
+                        "side by side at batch 1, with the same threads, prompt and token counts")
+    p.add_argument("--llamacpp-gguf", default="",
+                   help="the GGUF llama.cpp runs (default: the default model's own Q4_1 file)")
     p.set_defaults(func=_cmd_bench)

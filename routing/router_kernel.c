@@ -4,17 +4,24 @@
  * prefill pays one small, cache-cold call per layer instead of five torch kernels (each ~10-40 us right after
  * a block; see bench/router_cold.py). Built and loaded by routing/router_kernel.py; float32 throughout.
  *
- * drllm_router_logits(args, h, out), with the fields of `args` (drllm_router_args) as follows:
- * h        [b, n, d]  hidden states entering the block (row-major, contiguous)
- * lengths  [b]        valid tokens per row (< 1 counts as 1)
+ * drllm_router_logits(weights, shape, h, out): one layer's weights (drllm_router_weights, bound once when the
+ * routers load) and one prefill's shape (drllm_router_shape, bound once per prefill), with
  * w1       [k, d]     fc1 weight;              b1 [k]
  * w2       [c, k]     fc2 weight;              b2 [c]
+ * lengths  [b]        valid tokens per row (< 1 counts as 1)
+ * h        [b, n, d]  hidden states entering the block (row-major, contiguous)
  * out      [b, c]     decision logits
- * Returns 0, or -1 when its scratch space (window * (d + k) floats) cannot be allocated.
+ * threads  how many OpenMP threads may share the call (built with -fopenmp; otherwise it runs on one):
+ *          they pool a share of the columns each, then compute a share of fc1's outputs each
+ * Returns 0, or -1 when its scratch space (b window d + threads (window k + k + b c) floats) cannot be
+ * allocated.
  * Window w of a row with T tokens and W = min(window, T) windows holds token t iff w = ((t+1) W - 1) / T
  * (integer division), as routing.router_net.pooling_weights assigns them.
  */
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -22,14 +29,41 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* GELU, tanh approximation: 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), computed as
+ * x / (1 + exp(-2u)) (the same function: 1 + tanh(u) = 2 / (1 + exp(-2u))). */
 static inline float gelu_tanh(float x) {
-    /* 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3); tanh(u) = 1 - 2 / (1 + exp(2u)) */
     float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    float t = 1.0f - 2.0f / (1.0f + expf(2.0f * u));
-    return 0.5f * x * (1.0f + t);
+    return x / (1.0f + expf(-2.0f * u));
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+/* exp on 8 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial), within ~2 ulp of
+ * expf; inputs clamped to [-87, 87] (normal results only: GELU needs no more). */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+static inline __m256 gelu_tanh256(__m256 x) {
+    __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                             _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+    __m256 e = exp256(_mm256_mul_ps(_mm256_set1_ps(-2.0f), u));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -82,62 +116,157 @@ static void fc1(const float *restrict pooled, int64_t W, int64_t d, const float 
     }
 }
 
-/* A layer's arguments, bound once per prefill shape, so that a call passes three pointers. */
+typedef struct {
+    const float *w1, *b1, *w2, *b2;
+    int64_t d, k, c;
+} drllm_router_weights;
+
+typedef struct {
+    const int64_t *lengths;
+    int64_t b, n, window, threads;
+} drllm_router_shape;
+
+/* both of a call's argument sets, flat */
 typedef struct {
     const float *w1, *b1, *w2, *b2;
     const int64_t *lengths;
     int64_t b, n, d, k, c, window;
 } drllm_router_args;
 
-int drllm_router_logits(const drllm_router_args *args, const float *h, float *out) {
-    const float *w1 = args->w1, *b1 = args->b1, *w2 = args->w2, *b2 = args->b2;
-    const int64_t *lengths = args->lengths;
-    int64_t b = args->b, n = args->n, d = args->d, k = args->k, c = args->c, window = args->window;
-    /* the weights come cold from memory (a block just streamed its own through the caches): ask for all of
-     * fc1's at once, in order, so that they arrive while the pooling runs */
-    for (int64_t off = 0; off < d * k; off += 16) __builtin_prefetch(w1 + off, 0, 3);
-    float *scratch = malloc((size_t)(window * (d + k)) * sizeof(float));
-    if (!scratch) return -1;
-    float *pooled = scratch;              /* [window, d] */
-    float *acc = scratch + window * d;    /* [window, k] */
-    for (int64_t r = 0; r < b; r++) {
-        int64_t T = lengths[r] < 1 ? 1 : lengths[r];
-        if (T > n) T = n;
-        int64_t W = T < window ? T : window;
+/* Row r's valid tokens T (lengths[r] clamped to [1, n]), its window count W = min(window, T) (returned),
+ * and each window's token count (windows of at most 64). */
+static int64_t row_windows(const drllm_router_args *a, int64_t r, int64_t *T_out, int64_t counts[64]) {
+    int64_t T = a->lengths[r] < 1 ? 1 : a->lengths[r];
+    if (T > a->n) T = a->n;
+    int64_t W = T < a->window ? T : a->window;
+    memset(counts, 0, 64 * sizeof(int64_t));
+    for (int64_t t = 0; t < T; t++) counts[((t + 1) * W - 1) / T]++;
+    *T_out = T;
+    return W;
+}
+
+/* pooled[r, w, i0:i1] (pooled [b, window, d]) = the mean of row r's tokens in window w, columns i0..i1-1. */
+static void pool_columns(const drllm_router_args *a, const float *h, int64_t i0, int64_t i1, float *pooled) {
+    int64_t n = a->n, d = a->d, window = a->window;
+    for (int64_t r = 0; r < a->b; r++) {
+        int64_t counts[64], T;
+        int64_t W = row_windows(a, r, &T, counts);
+        float *pr = pooled + r * window * d;
         const float *hr = h + r * n * d;
-        memset(pooled, 0, (size_t)(W * d) * sizeof(float));
-        int64_t counts[64] = {0};
+        for (int64_t w = 0; w < W; w++) memset(pr + w * d + i0, 0, (size_t)(i1 - i0) * sizeof(float));
         for (int64_t t = 0; t < T; t++) {
-            int64_t w = ((t + 1) * W - 1) / T;
-            float *p = pooled + w * d;
+            float *p = pr + ((t + 1) * W - 1) / T * d;
             const float *x = hr + t * d;
-            counts[w]++;
-            for (int64_t i = 0; i < d; i++) p[i] += x[i];
+            for (int64_t i = i0; i < i1; i++) p[i] += x[i];
         }
-        int64_t valid = 0;
         for (int64_t w = 0; w < W; w++) {
             if (!counts[w]) continue;
-            valid++;
             float inv = 1.0f / (float)counts[w];
-            float *p = pooled + w * d;
-            for (int64_t i = 0; i < d; i++) p[i] *= inv;
+            float *p = pr + w * d;
+            for (int64_t i = i0; i < i1; i++) p[i] *= inv;
         }
-        fc1(pooled, W, d, w1, b1, k, acc);
-        float *mix = acc;  /* the windows' mean activation, in place of window 0 */
+    }
+}
+
+/* mix[j] += GELU(acc[j]) for j < m */
+static void gelu_add(const float *restrict acc, float *restrict mix, int64_t m) {
+    int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; j + 8 <= m; j += 8)
+        _mm256_storeu_ps(mix + j, _mm256_add_ps(_mm256_loadu_ps(mix + j), gelu_tanh256(_mm256_loadu_ps(acc + j))));
+#endif
+    for (; j < m; j++) mix[j] += gelu_tanh(acc[j]);
+}
+
+/* Every row's partial logits from fc1 outputs j0..j1-1 only: part[r, o] = sum over those j of w2[o, j]
+ * mix[r, j] (no bias), where mix is the mean over the row's non-empty windows of GELU(fc1(pooled)). The
+ * bottleneck's outputs are independent until fc2, so threads that split them meet only in the final sum.
+ * `acc` holds window * (j1 - j0) floats and `mix` j1 - j0. */
+static void bottleneck_part(const drllm_router_args *a, const float *pooled, int64_t j0, int64_t j1, float *acc,
+                            float *mix, float *part) {
+    int64_t d = a->d, k = a->k, c = a->c, kk = j1 - j0;
+    for (int64_t r = 0; r < a->b; r++) {
+        int64_t counts[64], T, valid = 0;
+        int64_t W = row_windows(a, r, &T, counts);
+        fc1(pooled + r * a->window * d, W, d, a->w1 + j0 * d, a->b1 + j0, kk, acc);
+        memset(mix, 0, (size_t)kk * sizeof(float));
+        for (int64_t w = 0; w < W; w++)
+            if (counts[w]) {
+                valid++;
+                gelu_add(acc + w * kk, mix, kk);
+            }
         float scale = 1.0f / (float)(valid ? valid : 1);
-        for (int64_t j = 0; j < k; j++) {
-            float s = 0.0f;
-            for (int64_t w = 0; w < W; w++)
-                if (counts[w]) s += gelu_tanh(acc[w * k + j]);
-            mix[j] = s * scale;
-        }
         for (int64_t o = 0; o < c; o++) {
             float s = 0.0f;
-            const float *row = w2 + o * k;
-            for (int64_t j = 0; j < k; j++) s += mix[j] * row[j];
-            out[r * c + o] = s + b2[o];
+            const float *row = a->w2 + o * k + j0;
+            for (int64_t j = 0; j < kk; j++) s += mix[j] * scale * row[j];
+            part[r * c + o] = s;
         }
+    }
+}
+
+/* Thread t of nt: pool its share of the columns (cut at 16-float lines), wait for the others, then its share
+ * of fc1's outputs. Called outside a parallel region, the barrier is a no-op (a team of one). */
+static void router_thread(const drllm_router_args *a, const float *h, int64_t t, int64_t nt, float *pooled,
+                          float *mine, float *part) {
+    int64_t d = a->d, k = a->k;
+    int64_t j0 = k * t / nt, j1 = k * (t + 1) / nt;
+    int64_t i0 = t == 0 ? 0 : (d * t / nt) & ~(int64_t)15, i1 = t == nt - 1 ? d : (d * (t + 1) / nt) & ~(int64_t)15;
+    /* fc1's weights come cold from memory (a block just streamed its own through the caches): ask for this
+     * thread's share at once, in order, so that it arrives while the pooling runs */
+    for (int64_t off = j0 * d; off < j1 * d; off += 16) __builtin_prefetch(a->w1 + off, 0, 3);
+    if (i1 > i0) pool_columns(a, h, i0, i1, pooled);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+    bottleneck_part(a, pooled, j0, j1, mine, mine + a->window * k, part);
+}
+
+int drllm_router_logits(const drllm_router_weights *wt, const drllm_router_shape *sh, const float *h, float *out) {
+    const drllm_router_args call = {wt->w1, wt->b1, wt->w2, wt->b2, sh->lengths, sh->b, sh->n, wt->d, wt->k, wt->c,
+                                    sh->window};
+    const drllm_router_args *args = &call;
+    int64_t b = args->b, d = args->d, k = args->k, c = args->c, window = args->window;
+    int64_t threads = sh->threads < 1 ? 1 : sh->threads;
+    if (threads > k) threads = k;
+#ifndef _OPENMP
+    threads = 1;
+#endif
+    /* shared: the pooled windows [b, window, d]; per thread: fc1 outputs [window, k], mix [k], partial
+     * logits [b, c] */
+    int64_t shared = b * window * d, per = window * k + k + b * c;
+    float *scratch = malloc((size_t)(shared + threads * per) * sizeof(float));
+    if (!scratch) return -1;
+    float *pooled = scratch, *thread0 = scratch + shared;
+    if (threads == 1) {
+        router_thread(args, h, 0, 1, pooled, thread0, thread0 + window * k + k);
+    } else {
+#ifdef _OPENMP
+        int64_t team = 1;
+#pragma omp parallel num_threads((int)threads)
+        {
+            int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+            float *mine = thread0 + t * per;
+            router_thread(args, h, t, nt, pooled, mine, mine + window * k + k);
+            if (t == 0) team = nt;  /* the runtime may give fewer threads than asked */
+        }
+        threads = team;
+#endif
+    }
+    for (int64_t i = 0; i < b * c; i++) {  /* the threads' partial sums, in thread order */
+        float s = 0.0f;
+        for (int64_t t = 0; t < threads; t++) s += thread0[t * per + window * k + k + i];
+        out[i] = s + args->b2[i % c];
     }
     free(scratch);
     return 0;
+}
+
+/* 1 when built with OpenMP (the call may use several threads), else 0. */
+int drllm_router_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }

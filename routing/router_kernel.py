@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("router_kernel.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC")
+# with torch's own OpenMP runtime (libgomp) in the process, the kernel is built with OpenMP and shares that
+# runtime's thread pool (the loader resolves its libgomp.so.1 to the copy torch loaded), so a call can use
+# torch's threads, already spinning after the block, instead of a second pool fighting them
+OPENMP_FLAGS = ("-fopenmp",)
 MAX_WINDOW = 64  # the kernel's per-row window count array
 
 _lock = threading.Lock()
@@ -67,6 +71,17 @@ def _compiler(compiler: str | None) -> list[str]:
     return [found]
 
 
+def torch_uses_libgomp() -> bool:
+    """Whether this process runs torch on GNU OpenMP (libgomp, as torch's Linux wheels do): only then may the
+    kernel be built with OpenMP, since a second OpenMP runtime would bring a second pool of threads."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -80,15 +95,17 @@ def _cached(out: Path) -> bool:
         return False
 
 
-def build(compiler: str | None = None) -> Path:
+def build(compiler: str | None = None, openmp: bool = False) -> Path:
     """Compile the kernel (unless a verified build is cached) and return the shared library's path.
+    `openmp`: build with OpenMP (OPENMP_FLAGS), so that one call may use several threads.
 
     The cache directory is $DRLLM_CACHE_DIR/native (default ~/.cache/drllm/native); where it cannot be
     written (a read-only home), the build goes to a fresh temporary directory instead. Raises RuntimeError
     when there is no C compiler or compiling fails, OSError when no directory can be written."""
     cc = _compiler(compiler)
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + repr((cc, FLAGS, platform.machine(), _cpu_flags())).encode()).hexdigest()[:16]
+    flags = FLAGS + OPENMP_FLAGS if openmp else FLAGS
+    key = hashlib.sha256(src + repr((cc, flags, platform.machine(), _cpu_flags())).encode()).hexdigest()[:16]
     name = f"router_kernel-{key}.so"
     out = _cache_dir() / name
     if _cached(out):
@@ -102,7 +119,7 @@ def build(compiler: str | None = None) -> Path:
         out = staging / name
     tmp_out = staging / f"build-{name}"
     try:
-        res = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
+        res = subprocess.run([*cc, *flags, str(SOURCE), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed: {res.stderr.strip()[:500]}")
         sha = staging / f"build-{name}.sha256"
@@ -127,13 +144,13 @@ def load() -> ctypes.CDLL | None:
             return _lib
         if os.environ.get("DRLLM_ROUTER_KERNEL", "1") not in ("0", "false", "no"):
             try:
-                path = build()
-                lib = ctypes.CDLL(str(path))
+                lib, path = _load_built()
                 fn = lib.drllm_router_logits
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
                 fn.restype = ctypes.c_int
                 _lib = lib
-                log.info("fused router kernel: %s", path)
+                log.info("fused router kernel: %s (%s)", path,
+                         "OpenMP, torch's threads" if openmp(lib) else "one thread")
             except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
                 # AttributeError: a library without the kernel's function
                 log.warning("fused router kernel unavailable, using torch kernels: %s", e)
@@ -143,55 +160,91 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
-class _Args(ctypes.Structure):
+def _load_built() -> tuple[ctypes.CDLL, Path]:
+    """Build (with OpenMP when torch runs on libgomp; without, should that build fail) and load."""
+    if torch_uses_libgomp():
+        try:
+            path = build(openmp=True)
+            return ctypes.CDLL(str(path)), path
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            log.info("router kernel: no OpenMP build (%s); building it for one thread", e)
+    path = build()
+    return ctypes.CDLL(str(path)), path
+
+
+def openmp(lib: ctypes.CDLL) -> bool:
+    """Whether the loaded kernel was built with OpenMP (libraries built before it could say are not)."""
+    fn = getattr(lib, "drllm_router_openmp", None)
+    return bool(fn()) if fn is not None else False
+
+
+class _Weights(ctypes.Structure):
     _fields_ = [("w1", ctypes.c_void_p), ("b1", ctypes.c_void_p), ("w2", ctypes.c_void_p), ("b2", ctypes.c_void_p),
-                ("lengths", ctypes.c_void_p), ("b", ctypes.c_int64), ("n", ctypes.c_int64),
-                ("d", ctypes.c_int64), ("k", ctypes.c_int64), ("c", ctypes.c_int64), ("window", ctypes.c_int64)]
+                ("d", ctypes.c_int64), ("k", ctypes.c_int64), ("c", ctypes.c_int64)]
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [("lengths", ctypes.c_void_p), ("b", ctypes.c_int64), ("n", ctypes.c_int64),
+                ("window", ctypes.c_int64), ("threads", ctypes.c_int64)]
 
 
 class RouterKernel:
-    """The fused kernel's calls for one prefill shape: hidden [b, n, d] with `lengths` [b] valid tokens per
-    row, and per layer (fc1 weight [k, d], fc1 bias [k], fc2 weight [c, k], fc2 bias [c]), all float32,
-    contiguous, on the CPU, and kept alive by this object. Everything but the hidden state is bound here, so
-    that a call costs one ctypes call with three pointers: `__call__(layer, hidden)` returns that layer's
-    logits [b, c] (float32, a new tensor); `Routers.layer_logits` makes the same call on outputs it takes
-    from `outputs()` once per prefill. Raises ValueError for
-    more than MAX_WINDOW windows or tensors of the wrong dtype, shape or layout, MemoryError when the kernel
-    cannot allocate its scratch space."""
+    """The fused kernel bound to every layer's router weights (fc1 weight [k, d], fc1 bias [k], fc2 weight
+    [c, k], fc2 bias [c]; float32, contiguous, on the CPU; kept alive by this object, which reads them in
+    place). Bound once while the weights keep their storage; `prefill()` binds one prefill's shape. Raises
+    ValueError for weights of the wrong dtype, shape, device or layout."""
 
-    def __init__(self, lib: ctypes.CDLL, lengths: torch.Tensor, window: int, b: int, n: int,
+    def __init__(self, lib: ctypes.CDLL,
                  layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        if not 1 <= window <= MAX_WINDOW:
-            raise ValueError(f"the fused router kernel supports 1 to {MAX_WINDOW} windows")
         self.fn = lib.drllm_router_logits
-        self.lengths = lengths.to(torch.int64, copy=True)  # owned: the caller may reuse its tensor
-        if self.lengths.shape != (b,):
-            raise ValueError(f"lengths must have shape ({b},)")
-        c = layers[0][2].shape[0]
-        self.out_shape, self.n, self.d = (b, c), n, layers[0][0].shape[1]
         self.layers = layers
-        self._args = []
+        self.d, self.c = layers[0][0].shape[1], layers[0][2].shape[0]
+        self._weights = []
         for w1, b1, w2, b2 in layers:
             k, d = w1.shape
-            for t, shape in ((w1, (k, d)), (b1, (k,)), (w2, (c, k)), (b2, (c,))):
+            for t, shape in ((w1, (k, self.d)), (b1, (k,)), (w2, (self.c, k)), (b2, (self.c,))):
                 if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.shape != shape:
                     raise ValueError("router weights must be contiguous float32 CPU tensors of matching shapes")
-            self._args.append(_Args(w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
-                                    self.lengths.data_ptr(), b, n, d, k, c, window))
-        self.addr = [ctypes.addressof(a) for a in self._args]
+            self._weights.append(_Weights(w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(), d, k, self.c))
+        self.addr = [ctypes.addressof(w) for w in self._weights]
 
-    def outputs(self) -> tuple[list[torch.Tensor], list[int]]:
-        """Fresh output tensors, one [b, c] per layer, and their data pointers (for `fn`)."""
-        views = list(torch.empty((len(self.layers), *self.out_shape), dtype=torch.float32).unbind(0))
-        return views, [v.data_ptr() for v in views]
+    def prefill(self, lengths: torch.Tensor, window: int, n: int, threads: int | None = None) -> KernelPrefill:
+        """The calls of one prefill: hidden [b, n, d] with `lengths` [b] valid tokens per row, `window` pooling
+        windows. `threads`: how many threads one call may use (default torch.get_num_threads(); an OpenMP
+        build shares the work among them, other builds use one). Raises ValueError for more than MAX_WINDOW
+        windows or lengths of the wrong shape."""
+        return KernelPrefill(self, lengths, window, n, threads)
+
+
+class KernelPrefill:
+    """One prefill's calls of a `RouterKernel`: `__call__(layer, hidden)` returns that layer's logits [b, c]
+    (float32, a new tensor) for hidden [b, n, d] (float32, contiguous, CPU, as bound). `Routers.layer_logits`
+    makes the same call without the checks: `fn(weights[layer], shape, hidden pointer, pointers[layer])`,
+    writing into `outputs[layer]`, one [b, c] tensor per layer allocated here."""
+
+    def __init__(self, kernel: RouterKernel, lengths: torch.Tensor, window: int, n: int,
+                 threads: int | None) -> None:
+        if not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"the fused router kernel supports 1 to {MAX_WINDOW} windows")
+        if lengths.dim() != 1:
+            raise ValueError("lengths must be one-dimensional")
+        self.fn, self.weights, self.kernel = kernel.fn, kernel.addr, kernel
+        self.lengths = lengths.to(torch.int64, copy=True)  # owned: the caller may reuse its tensor
+        b = self.lengths.shape[0]
+        self.threads = max(1, threads if threads is not None else torch.get_num_threads())
+        self._shape = _Shape(self.lengths.data_ptr(), b, n, window, self.threads)
+        self.shape = ctypes.addressof(self._shape)
+        self.hidden_shape = (b, n, kernel.d)
+        block = torch.empty((len(kernel.addr), b, kernel.c), dtype=torch.float32)
+        self.outputs = list(block.unbind(0))
+        base, step = block.data_ptr(), b * kernel.c * block.element_size()
+        self.pointers = [base + i * step for i in range(len(kernel.addr))]
 
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Layer `layer`'s logits [b, c] for hidden [b, n, d] (float32, contiguous, CPU; shape as bound).
-        `fn(addr[layer], hidden pointer, output pointer)` is the same call without this method's checks."""
-        if tuple(hidden.shape) != (self.out_shape[0], self.n, self.d) or hidden.dtype != torch.float32 \
+        if tuple(hidden.shape) != self.hidden_shape or hidden.dtype != torch.float32 \
                 or not hidden.is_contiguous() or hidden.device.type != "cpu":
             raise ValueError("hidden must be a contiguous float32 CPU tensor of the bound shape")
-        out = torch.empty(self.out_shape, dtype=torch.float32)
-        if self.fn(self.addr[layer], hidden.data_ptr(), out.data_ptr()):
+        out = torch.empty(self.hidden_shape[0], self.kernel.c, dtype=torch.float32)
+        if self.fn(self.weights[layer], self.shape, hidden.data_ptr(), out.data_ptr()):
             raise MemoryError("the fused router kernel could not allocate its scratch space")
         return out

@@ -67,6 +67,20 @@ def window_average(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w / w.sum(-1, keepdim=True).clamp(min=1)
 
 
+class _PrefillState:
+    """What `Routers.layer_logits` keeps for the prefill under way (see `Routers._prepare`)."""
+
+    __slots__ = ("call", "grad", "last", "lengths", "per_layer", "pooling", "shape", "values")
+
+    def __init__(self, lengths: torch.Tensor, shape: torch.Size, grad: bool) -> None:
+        self.lengths, self.shape, self.grad = lengths, shape, grad
+        self.last = -1  # the last layer called
+        self.call: router_kernel.KernelPrefill | None = None
+        self.pooling: tuple | None = None
+        self.per_layer: list | None = None
+        self.values: tuple | None = None
+
+
 class Routers(nn.Module):
     """The L routers of a base model. `fused`: whether `layer_logits` may use the fused CPU kernel
     (`routing.router_kernel`, when it builds); False keeps the torch kernels (benchmarks compare both)."""
@@ -88,24 +102,24 @@ class Routers(nn.Module):
         - on the CPU in float32 inference, one call of the fused C kernel (`routing.router_kernel`) does the
           whole router; otherwise five torch kernels (pooling matmul, addmm into fc1, GELU, window-mean
           matmul, addmm into fc2) do `Router.averaged` without reshaping copies;
-        - what all layers of a prefill share (pooling weights, contiguous transposed weights, the kernel's
-          bound arguments) is prepared at layer 0, on another `lengths` tensor or shape, or when a layer
-          comes again (see `_prepare`); a later layer's call does no module attribute lookups."""
-        prep = self.__dict__.get("_prep")
-        if layer <= 0 or prep is None or prep[0] is not lengths or prep[2] != hidden.shape \
-                or prep[3] != torch.is_grad_enabled() or layer <= prep[7][0]:
-            prep = self._prepare(lengths, hidden)
-        prep[7][0] = layer
-        kernel = prep[8]
-        if kernel is not None:  # hidden's shape is as prepared
+        - what all layers of a prefill share (the kernel's shape binding and outputs, or the pooling weights)
+          is prepared at layer 0, on another `lengths` tensor or shape, or when a layer comes again (see
+          `_prepare`); what all prefills share (the kernel bound to the weights, contiguous transposed
+          weights) is kept while the weights stay; a later layer's call does no module attribute lookups."""
+        st = self.__dict__.get("_prep")
+        if layer <= 0 or st is None or st.lengths is not lengths or st.shape != hidden.shape \
+                or st.grad != torch.is_grad_enabled() or layer <= st.last:
+            st = self._prepare(lengths, hidden)
+        st.last = layer
+        call = st.call
+        if call is not None:  # hidden's shape is as prepared
             if hidden.dtype is not torch.float32 or not hidden.is_contiguous() or not hidden.is_cpu:
                 hidden = hidden.to("cpu", torch.float32).contiguous()
-            outputs, pointers = prep[9]
-            if kernel.fn(kernel.addr[layer], hidden.data_ptr(), pointers[layer]):
+            if call.fn(call.weights[layer], call.shape, hidden.data_ptr(), call.pointers[layer]):
                 raise MemoryError("the fused router kernel could not allocate its scratch space")
-            return outputs[layer]
-        b1, w1t, b2, w2t = prep[5][layer]
-        weights, avg, convert = prep[4]  # [b, W, n], [b, 1, W]; hidden's dtype or device differ
+            return call.outputs[layer]
+        b1, w1t, b2, w2t = st.per_layer[layer]
+        weights, avg, convert = st.pooling  # [b, W, n], [b, 1, W]; hidden's dtype or device differ
         if convert:
             hidden = hidden.to(weights.device, torch.float32)
         if weights.dim() == 2:  # one row (batch-1 prefill): 2-D kernels
@@ -117,54 +131,53 @@ class Routers(nn.Module):
         mixed = torch.bmm(avg, g.view(b, w, -1)).view(b, -1)  # [b, k]: the windows' mean activation
         return torch.addmm(b2, mixed, w2t)
 
-    def _prepare(self, lengths: torch.Tensor, hidden: torch.Tensor) -> tuple:
-        """What every layer of one prefill shares, kept across prefills while it stays valid: the pooling
-        weights for `lengths` and hidden's n tokens, and either the fused kernel's calls bound to the router
-        weights (it reads them in place, so only their storage must stay put) or, for the torch kernels,
-        each layer's weights (`_layer_weights`), rebuilt when a weight changes in place (its version moves)."""
+    def _prepare(self, lengths: torch.Tensor, hidden: torch.Tensor) -> _PrefillState:
+        """What every layer of one prefill shares: the fused kernel's calls for this shape (the kernel bound
+        to the router weights is kept while their tensors and storage stay: it reads them in place), or for
+        the torch kernels the pooling weights for `lengths` and hidden's n tokens (kept while those stay) and
+        each layer's weights (`_layer_weights`, rebuilt when a weight changes in place: its version moves)."""
         old = self.__dict__.get("_prep")
         grad = torch.is_grad_enabled()
         params = self._params()
         dev = params[0].device
         convert = hidden.dtype != torch.float32 or hidden.device != dev
+        st = _PrefillState(lengths, hidden.shape, grad)
+        lib = router_kernel.load() if self.fused and not grad and dev.type == "cpu" and not convert \
+            and params[0].dtype == torch.float32 and self.config.window <= router_kernel.MAX_WINDOW else None
+        if lib is not None:
+            key = tuple(t.data_ptr() for t in params)
+            bound = self.__dict__.get("_kernel")
+            if bound is None or bound[0] != key:
+                try:
+                    bound = (key, router_kernel.RouterKernel(lib, [tuple(t.detach() for t in params[i: i + 4])
+                                                                  for i in range(0, len(params), 4)]))
+                except ValueError:  # e.g. weights that are not contiguous: the torch kernels handle them
+                    bound = (key, None)
+                self.__dict__["_kernel"] = bound
+            if bound[1] is not None:
+                st.call = bound[1].prefill(lengths, self.config.window, hidden.shape[1])
+                self.__dict__["_prep"] = st
+                return st
         values = tuple(lengths.tolist())
-        same_shape = old is not None and old[1] == values and old[2] == hidden.shape \
-            and old[4][0].device == dev and old[4][2] == convert
-        if same_shape:
-            pooling = old[4]
+        if old is not None and old.pooling is not None and old.values == values and old.shape == hidden.shape \
+                and old.pooling[0].device == dev and old.pooling[2] == convert:
+            st.pooling = old.pooling
         else:
             weights, valid = pooling_weights(lengths, hidden.shape[1], self.config.window, torch.float32, dev)
             avg = window_average(valid, torch.float32).unsqueeze(1)
             if hidden.shape[0] == 1:  # [W, n], [1, W]: 2-D kernels, with no per-layer indexing
                 weights, avg = weights[0], avg[0]
-            pooling = (weights, avg, convert)
-        lib = router_kernel.load() if self.fused and not grad and dev.type == "cpu" and not convert \
-            and params[0].dtype == torch.float32 and self.config.window <= router_kernel.MAX_WINDOW else None
-        kernel, per_layer = None, None
-        if lib is not None:
-            key = ("fused", tuple(t.data_ptr() for t in params))
-            if old is not None and old[6] == key and same_shape and old[8] is not None:
-                kernel = old[8]
-            else:
-                try:
-                    kernel = router_kernel.RouterKernel(lib, lengths, self.config.window, hidden.shape[0],
-                                                        hidden.shape[1],
-                                                        [tuple(t.detach() for t in params[i: i + 4])
-                                                         for i in range(0, len(params), 4)])
-                except ValueError:  # e.g. weights that are not contiguous: the torch kernels handle them
-                    kernel = None
-        if kernel is None:
-            key = None if grad else self._versions(params)
-            cached = self.__dict__.get("_torch_weights")
-            if key is not None and cached is not None and cached[0] == key:
-                per_layer = cached[1]
-            else:
-                per_layer = self._layer_weights(grad)
-                self.__dict__["_torch_weights"] = (key, per_layer) if key is not None else None
-        prep = (lengths, values, hidden.shape, grad, pooling, per_layer, key, [-1], kernel,
-                kernel.outputs() if kernel is not None else None)
-        self.__dict__["_prep"] = prep
-        return prep
+            st.pooling = (weights, avg, convert)
+        st.values = values
+        key = None if grad else self._versions(params)
+        cached = self.__dict__.get("_torch_weights")
+        if key is not None and cached is not None and cached[0] == key:
+            st.per_layer = cached[1]
+        else:
+            st.per_layer = self._layer_weights(grad)
+            self.__dict__["_torch_weights"] = (key, st.per_layer) if key is not None else None
+        self.__dict__["_prep"] = st
+        return st
 
     def _params(self) -> list[torch.Tensor]:
         """Every router's (fc1 weight [k, d], fc1 bias [k], fc2 weight [c, k], fc2 bias [c]), flat, cached:
@@ -191,6 +204,7 @@ class Routers(nn.Module):
         self.__dict__.pop("_prep", None)  # .to(), .float(), ...: new storage, maybe new tensors
         self.__dict__.pop("_param_cache", None)
         self.__dict__.pop("_torch_weights", None)
+        self.__dict__.pop("_kernel", None)
         return super()._apply(fn, recurse)
 
     def _layer_weights(self, grad: bool) -> list[tuple[torch.Tensor, ...]]:

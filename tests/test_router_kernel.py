@@ -4,6 +4,7 @@ and the router modules themselves, its fallback when it cannot be built, and rou
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,9 +40,80 @@ def test_fused_kernel_equals_the_router_modules(d: int, k: int, window: int) -> 
         lens = torch.tensor(lengths)
         with torch.inference_mode():
             got = [r.layer_logits(layer, h, lens) for layer in range(3)]
-        assert r.__dict__["_prep"][8] is not None  # the kernel ran
+        assert r.__dict__["_prep"].call is not None  # the kernel ran
         for layer in range(3):
             torch.testing.assert_close(got[layer], _module_logits(r, layer, h, lens), atol=2e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3, 200])
+def test_threads_split_the_call_and_agree_with_one_thread(threads: int) -> None:
+    """An OpenMP build splits fc1's outputs among the call's threads (more threads than outputs: one each)
+    and sums their partial logits: the same logits as one thread, to float32 rounding."""
+    torch.manual_seed(threads)
+    r = Routers(RouterConfig(n_layers=2, hidden_size=40, window=8, bottleneck=24)).eval()
+    lib = router_kernel.load()
+    w = [(x.fc1.weight.detach(), x.fc1.bias.detach(), x.fc2.weight.detach(), x.fc2.bias.detach()) for x in r.layers]
+    for lengths in ([17], [3, 17, 1]):
+        h, lens = torch.randn(len(lengths), 17, 40), torch.tensor(lengths)
+        one = router_kernel.RouterKernel(lib, w).prefill(lens, 8, 17, threads=1)
+        many = router_kernel.RouterKernel(lib, w).prefill(lens, 8, 17, threads=threads)
+        for layer in range(2):
+            torch.testing.assert_close(many(layer, h), one(layer, h), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(many(layer, h), _module_logits(r, layer, h, lens), atol=2e-5, rtol=1e-5)
+
+
+def test_the_kernel_shares_torchs_openmp_runtime_only() -> None:
+    """Built with OpenMP exactly when torch runs on libgomp (one runtime, one thread pool); and then the
+    process still holds a single libgomp."""
+    lib = router_kernel.load()
+    if lib is None:
+        pytest.skip("no C compiler: the torch kernels run")
+    assert router_kernel.openmp(lib) == router_kernel.torch_uses_libgomp()
+    if router_kernel.openmp(lib):
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        assert len({line.split()[-1] for line in maps if "libgomp" in line}) == 1
+
+
+@needs_kernel
+def test_calls_from_another_thread_agree() -> None:
+    """The server's engine runs prefills on its own thread: there the kernel's OpenMP team is that thread's
+    (as torch's own parallel regions are), with the same logits."""
+    import threading
+
+    torch.manual_seed(0)
+    r = Routers(RouterConfig(n_layers=3, hidden_size=64, bottleneck=32)).eval()
+    h, lens = torch.randn(3, 21, 64), torch.tensor([21, 9, 2])
+    got: dict[str, list[torch.Tensor]] = {}
+
+    def run(name: str) -> None:
+        with torch.inference_mode():
+            got[name] = [r.layer_logits(layer, h, lens).clone() for layer in range(3)]
+
+    run("main")
+    t = threading.Thread(target=run, args=("engine",))
+    t.start()
+    t.join()
+    for layer in range(3):
+        torch.testing.assert_close(got["engine"][layer], got["main"][layer], atol=0, rtol=0)
+        torch.testing.assert_close(got["main"][layer], _module_logits(r, layer, h, lens), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_bound_calls_follow_torchs_thread_count() -> None:
+    torch.manual_seed(0)
+    r = Routers(RouterConfig(n_layers=2, hidden_size=24, bottleneck=8)).eval()
+    h, lens = torch.randn(1, 9, 24), torch.tensor([9])
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                got = r.layer_logits(0, h, lens)
+            assert r.__dict__["_prep"].call.threads == n
+            torch.testing.assert_close(got, _module_logits(r, 0, h, lens), atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_kernel
@@ -120,7 +192,7 @@ def test_without_a_compiler_the_torch_kernels_run(monkeypatch: pytest.MonkeyPatc
     h, lens = torch.randn(1, 5, 16), torch.tensor([5])
     with torch.inference_mode():
         got = r.layer_logits(1, h, lens)
-    assert r.__dict__["_prep"][8] is None
+    assert r.__dict__["_prep"].call is None
     torch.testing.assert_close(got, _module_logits(r, 1, h, lens), atol=1e-5, rtol=0)
 
 
@@ -204,13 +276,13 @@ def test_replaced_or_non_contiguous_weights_are_used(monkeypatch: pytest.MonkeyP
         got = [r.layer_logits(layer, h, lens) for layer in range(2)]
     for layer in range(2):
         torch.testing.assert_close(got[layer], _module_logits(r, layer, h, lens), atol=1e-5, rtol=1e-5)
-    assert r.__dict__["_prep"][8] is None
+    assert r.__dict__["_prep"].call is None
     r.layers[1].fc1.weight = torch.nn.Parameter(torch.randn(8, 24))
     with torch.inference_mode():
         got = [r.layer_logits(layer, h, lens) for layer in range(2)]
     for layer in range(2):
         torch.testing.assert_close(got[layer], _module_logits(r, layer, h, lens), atol=1e-5, rtol=1e-5)
-    assert (r.__dict__["_prep"][8] is not None) == (router_kernel.load() is not None)
+    assert (r.__dict__["_prep"].call is not None) == (router_kernel.load() is not None)
 
 
 def _kernel_works(lib) -> bool:
@@ -218,7 +290,7 @@ def _kernel_works(lib) -> bool:
     r = Routers(RouterConfig(n_layers=1, hidden_size=16, bottleneck=8)).eval()
     h, lens = torch.randn(1, 5, 16), torch.tensor([5])
     w = [(x.fc1.weight.detach(), x.fc1.bias.detach(), x.fc2.weight.detach(), x.fc2.bias.detach()) for x in r.layers]
-    got = router_kernel.RouterKernel(lib, lens, 8, 1, 5, w)(0, h)
+    got = router_kernel.RouterKernel(lib, w).prefill(lens, 8, 5)(0, h)
     return bool(torch.allclose(got, _module_logits(r, 0, h, lens), atol=1e-5))
 
 
@@ -227,7 +299,7 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(monkeypatch: pytest.Monk
     """A library cut short (a crash or a full disk while it was written) would be mapped and kill the process
     with SIGBUS: only a library whose checksum matches is taken from the cache."""
     _fresh_loader(monkeypatch, tmp_path)
-    path = router_kernel.build()
+    path = router_kernel.build(openmp=router_kernel.torch_uses_libgomp())  # the build load() takes
     path.write_bytes(path.read_bytes()[:1000])
     lib = router_kernel.load()
     assert lib is not None and _kernel_works(lib)
@@ -244,7 +316,7 @@ def test_a_library_without_the_kernel_falls_back(monkeypatch: pytest.MonkeyPatch
     bogus = tmp_path / "bogus.so"
     subprocess.run(["cc", "-shared", "-fPIC", str(src), "-o", str(bogus)], check=True)
     _fresh_loader(monkeypatch, tmp_path)
-    monkeypatch.setattr(router_kernel, "build", lambda: bogus)
+    monkeypatch.setattr(router_kernel, "build", lambda **_: bogus)
     with caplog.at_level(logging.WARNING, logger="routing.router_kernel"):
         assert router_kernel.load() is None
     assert "torch kernels" in caplog.text

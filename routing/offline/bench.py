@@ -10,15 +10,19 @@ continuations of a fixed prompt set are compared with the float32 model's (the a
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from .. import router_kernel
 from ..generation import BatchGenerator, GenerationRequest
-from ..model import BaseModel, load_model
+from ..model import DEFAULT_MODEL_NAME, BaseModel, fetch_default_gguf, load_model
+from ..paths import PROJECT_ROOT, base_cache_dir
 from ..plan import LayerPlan
 from ..planner import FixedPlanner, PlanRequest
 from ..router_net import RouterConfig, Routers
@@ -107,6 +111,55 @@ def hf_run(model: BaseModel, ids: list[int], batch: int, new_tokens: int) -> tup
     return prefill, batch * (new_tokens - 1) / max(total - prefill, 1e-9)
 
 
+class LlamaCpp:
+    """llama.cpp on a GGUF in its own environment (bench/llamacpp_env.sh builds one), run through
+    bench/llamacpp_runner.py as a subprocess that stays up between rounds, so that its rounds interleave
+    with the executor's. Raises RuntimeError when the runner cannot start or answers with an error."""
+
+    RUNNER = PROJECT_ROOT / "bench" / "llamacpp_runner.py"
+
+    def __init__(self, python: str, gguf: Path, threads: int) -> None:
+        if not self.RUNNER.is_file():
+            raise RuntimeError(f"{self.RUNNER} not found: the llama.cpp comparison runs from a source checkout")
+        self.proc = subprocess.Popen([python, str(self.RUNNER), str(gguf), "--threads", str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+        self.gguf = gguf
+
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the llama.cpp runner exited (status {self.proc.wait()})")
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"llama.cpp runner: {out['error']}")
+        return out
+
+    def run(self, ids: list[int], new_tokens: int) -> tuple[float, float]:
+        """(prefill seconds, decode tokens/s) at batch 1, greedy, as `executor_run` measures them."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"ids": ids, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        return out["prefill_s"], out["decode_tps"]
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def llamacpp_gguf(args: argparse.Namespace, model: BaseModel) -> Path:
+    """The GGUF llama.cpp runs: --llamacpp-gguf, else the default model's own (the file it was converted
+    from). Raises ValueError for another model without --llamacpp-gguf."""
+    if args.llamacpp_gguf:
+        return Path(args.llamacpp_gguf)
+    if model.name != DEFAULT_MODEL_NAME:
+        raise ValueError("--llamacpp-python needs --llamacpp-gguf for a model other than the default")
+    return fetch_default_gguf(base_cache_dir())
+
+
 def router_overhead(model: BaseModel, ids: list[int], rounds: int) -> dict[str, tuple[float, float, float]]:
     """Prefill with routers that always choose 'execute' vs. the same full plan without routers, with the
     fused router kernel ("fused", when it builds on this host) and with the torch kernels ("torch"), rounds
@@ -164,12 +217,26 @@ def run(args: argparse.Namespace) -> int:
           f"{torch.get_num_threads()}; prompt {len(ids)} tokens; {args.new_tokens} new tokens; "
           f"median of {args.rounds} interleaved rounds")
     first_full_tps: list[float] = []  # batch-1 decode tokens/s of the full plan
+    llamacpp = None
+    if getattr(args, "llamacpp_python", None):
+        gguf = llamacpp_gguf(args, model)
+        llamacpp = LlamaCpp(args.llamacpp_python, gguf, torch.get_num_threads())
+        print(f"llama.cpp: llama-cpp-python {llamacpp.info.get('llama_cpp')}, {gguf.name}, "
+              f"{llamacpp.info.get('threads')} threads, run side by side at batch 1")
+    llamacpp_tps: list[float] = []
     for batch in args.batch:
         executor_run(model, ids, batch, 4, plans["full"])  # warm-up
         hf_run(reference, ids, batch, 4)
+        side = llamacpp is not None and batch == 1
+        if side:
+            llamacpp.run(ids, 4)
         res: dict[str, list[tuple[float, float]]] = {k: [] for k in ["transformers", *plans]}
+        if side:
+            res["llama.cpp"] = []
         for _ in range(args.rounds):
             res["transformers"].append(hf_run(reference, ids, batch, args.new_tokens))
+            if side:
+                res["llama.cpp"].append(llamacpp.run(ids, args.new_tokens))
             for name, plan in plans.items():
                 res[name].append(executor_run(model, ids, batch, args.new_tokens, plan))
         med = {k: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v)) for k, v in res.items()}
@@ -181,6 +248,10 @@ def run(args: argparse.Namespace) -> int:
             first_full_tps.append(med["full"][1])
         print(f"{'transformers generate':<22}{L:>11}{med['transformers'][0] * 1e3:>12.1f}{hf_tps:>14.1f}"
               f"{1.0:>17.2f}")
+        if side:
+            p, d = med["llama.cpp"]
+            llamacpp_tps.append(d)
+            print(f"{'llama.cpp (GGUF)':<22}{L:>11}{p * 1e3:>12.1f}{d:>14.1f}{d / hf_tps:>17.2f}")
         for name, plan in plans.items():
             p, d = med[name]
             print(f"{'executor ' + name:<22}{plan.executions:>11}{p * 1e3:>12.1f}{d:>14.1f}{d / hf_tps:>17.2f}"
@@ -191,6 +262,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ngreedy agreement with {reference.dtype} over {len(AGREEMENT_PROMPTS)} prompts x 32 tokens: "
               f"{100 * share:.0f}% identical continuations, {100 * prefix:.1f}% of tokens before the first "
               "divergence")
+    if llamacpp is not None:
+        llamacpp.close()
+        if llamacpp_tps and first_full_tps:
+            print(f"llama.cpp side by side: {llamacpp_tps[0]:.1f} tok/s at batch 1 -> executor full / llama.cpp = "
+                  f"{first_full_tps[0] / llamacpp_tps[0]:.2f}")
     if args.llamacpp_tps and first_full_tps:
         print(f"llama.cpp reference: {args.llamacpp_tps:.1f} tok/s at batch 1 -> executor full / llama.cpp = "
               f"{first_full_tps[0] / args.llamacpp_tps:.2f}")
