@@ -28,8 +28,8 @@ FROM ${CPU_BASE_IMAGE} AS base-cpu
 ARG CPU_TORCH_VERSION=2.13.0
 ARG CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir --index-url "${CPU_TORCH_INDEX}" "torch==${CPU_TORCH_VERSION}"
-# A C compiler for the fused router kernel (routing/router_kernel.c), built for the host's CPU when the
-# server loads its routers; without one the routers run as torch kernels (slower prefill, same decisions).
+# A C compiler for the native CPU kernels (routing/native.py: the fused router, RMSNorm), built for the host's
+# CPU when the server loads; without one torch's kernels run (slower prefill and decode, same results).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .fused import norm_eps, pack_model, rms_norm
 from .kv_cache import SlotKVCache
 from .model import BaseModel
@@ -131,6 +132,8 @@ class RoutedExecutor:
             weight_layout = "in_out" if cpu32 and max_batch == 1 else "out_in"
         packed = pack_model(model.hf, self.spec.head_dim, weight_layout)
         self.blocks, self.lm_head = packed.blocks, packed.head
+        if model.device.type == "cpu" and model.dtype == torch.float32:
+            native.load()  # build the native CPU kernels (routing.cpu_ops) now, not inside the first forward
         norm = model.hf.model.norm
         self.final_norm, self.final_eps = norm.weight, norm_eps(norm)
         self.cache = SlotKVCache(self.spec.n_layers, self.spec.n_kv_heads, self.spec.head_dim, max_batch,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import activations as transformers_activations
 
-from . import quant
+from . import cpu_ops, quant
 from .quant import LINEAR_DYNAMIC, Int4Linear, Int8Linear, int4_linear, int8_linear, pack_int4, prepack_int8
 
 
@@ -182,7 +182,9 @@ def pack_model(hf: nn.Module, head_dim: int, layout: str = "out_in") -> PackedMo
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama/Qwen RMSNorm: normalise in float32, cast back, then scale (transformers' LlamaRMSNorm)."""
+    """Llama/Qwen RMSNorm: normalise in float32, cast back, then scale (transformers' LlamaRMSNorm). On the
+    CPU in float32, one native call where it applies (`cpu_ops.rms_norm`)."""
     if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
+        out = cpu_ops.rms_norm(x, weight, eps)
+        return out if out is not None else F.rms_norm(x, weight.shape, weight, eps)
     return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from routing import router_kernel
+from routing import native, router_kernel
 from routing.executor import RoutedExecutor
 from routing.planner import PlanRequest
 from routing.router_net import RouterConfig, Routers, window_pool
@@ -69,8 +69,8 @@ def test_the_kernel_shares_torchs_openmp_runtime_only() -> None:
     lib = router_kernel.load()
     if lib is None:
         pytest.skip("no C compiler: the torch kernels run")
-    assert router_kernel.openmp(lib) == router_kernel.torch_uses_libgomp()
-    if router_kernel.openmp(lib):
+    assert native.openmp(lib) == native.torch_uses_libgomp()
+    if native.openmp(lib):
         maps = Path("/proc/self/maps").read_text().splitlines()
         assert len({line.split()[-1] for line in maps if "libgomp" in line}) == 1
 
@@ -173,8 +173,8 @@ def test_routed_prefill_with_the_fused_kernel_equals_the_torch_kernels(arch: str
 
 def _fresh_loader(monkeypatch: pytest.MonkeyPatch, cache) -> None:
     """Forget the process's kernel, so that the next `load()` builds again, with its cache under `cache`."""
-    monkeypatch.setattr(router_kernel, "_lib", None)
-    monkeypatch.setattr(router_kernel, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setenv("DRLLM_CACHE_DIR", str(cache))
 
 
@@ -183,8 +183,8 @@ def test_without_a_compiler_the_torch_kernels_run(monkeypatch: pytest.MonkeyPatc
     _fresh_loader(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises((RuntimeError, OSError)):
-        router_kernel.build()
-    with caplog.at_level(logging.WARNING, logger="routing.router_kernel"):
+        native.build()
+    with caplog.at_level(logging.WARNING, logger="routing.native"):
         assert router_kernel.load() is None
     assert "torch kernels" in caplog.text
     torch.manual_seed(0)
@@ -198,22 +198,25 @@ def test_without_a_compiler_the_torch_kernels_run(monkeypatch: pytest.MonkeyPatc
 
 def test_the_kernel_can_be_switched_off(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     _fresh_loader(monkeypatch, tmp_path)
-    monkeypatch.setenv("DRLLM_ROUTER_KERNEL", "0")
+    monkeypatch.setenv("DRLLM_ROUTER_KERNEL", "0")  # the routers' kernel only
     assert router_kernel.load() is None
+    monkeypatch.delenv("DRLLM_ROUTER_KERNEL")
+    monkeypatch.setenv("DRLLM_NATIVE", "0")  # every native kernel
+    assert native.load() is None and router_kernel.load() is None
 
 
 @needs_kernel
 def test_a_bad_compile_is_an_error_and_the_cache_is_keyed_by_source(monkeypatch: pytest.MonkeyPatch,
                                                                    tmp_path) -> None:
     monkeypatch.setenv("DRLLM_CACHE_DIR", str(tmp_path))
-    first = router_kernel.build()
+    first = native.build()
     assert first.exists() and first.parent == tmp_path / "native"
-    assert router_kernel.build() == first  # cached
+    assert native.build() == first  # cached
     bad = tmp_path / "bad.c"
     bad.write_text("this is not C")
-    monkeypatch.setattr(router_kernel, "SOURCE", bad)
+    monkeypatch.setattr(native, "SOURCES", (bad,))
     with pytest.raises(RuntimeError, match="compiling"):
-        router_kernel.build()
+        native.build()
 
 
 @needs_kernel
@@ -299,11 +302,11 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(monkeypatch: pytest.Monk
     """A library cut short (a crash or a full disk while it was written) would be mapped and kill the process
     with SIGBUS: only a library whose checksum matches is taken from the cache."""
     _fresh_loader(monkeypatch, tmp_path)
-    path = router_kernel.build(openmp=router_kernel.torch_uses_libgomp())  # the build load() takes
+    path = native.build(openmp=native.torch_uses_libgomp())  # the build load() takes
     path.write_bytes(path.read_bytes()[:1000])
     lib = router_kernel.load()
     assert lib is not None and _kernel_works(lib)
-    assert router_kernel._cached(path)
+    assert native._cached(path)
 
 
 @needs_kernel
@@ -316,8 +319,8 @@ def test_a_library_without_the_kernel_falls_back(monkeypatch: pytest.MonkeyPatch
     bogus = tmp_path / "bogus.so"
     subprocess.run(["cc", "-shared", "-fPIC", str(src), "-o", str(bogus)], check=True)
     _fresh_loader(monkeypatch, tmp_path)
-    monkeypatch.setattr(router_kernel, "build", lambda **_: bogus)
-    with caplog.at_level(logging.WARNING, logger="routing.router_kernel"):
+    monkeypatch.setattr(native, "build", lambda **_: bogus)
+    with caplog.at_level(logging.WARNING, logger="routing.native"):
         assert router_kernel.load() is None
     assert "torch kernels" in caplog.text
 
@@ -335,6 +338,6 @@ def test_an_unwritable_cache_builds_in_a_temporary_directory(monkeypatch: pytest
 def test_cc_may_hold_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     _fresh_loader(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", "cc -std=gnu11")
-    assert router_kernel._compiler(None) == ["cc", "-std=gnu11"]
+    assert native._compiler(None) == ["cc", "-std=gnu11"]
     lib = router_kernel.load()
     assert lib is not None and _kernel_works(lib)
