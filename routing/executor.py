@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import cpu_ops, native
 from .fused import norm_eps, pack_model, rms_norm
 from .kv_cache import SlotKVCache
 from .model import BaseModel
@@ -52,6 +52,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if impl == "sdpa":
         b, H, n, D = q.shape
         K = k.shape[1]
+        if n == 1 and not causal and q.is_cpu:  # one native call on the CPU in float32 (routing.cpu_ops)
+            o = cpu_ops.decode_attention(q, k, v, mask, scale)
+            if o is not None:
+                return o
         if n == 1 and H != K and not causal:
             # one query per row (decode): the H/K query heads sharing a KV head attend as H/K query rows of
             # it, so SDPA never repeats K and V per query head (its GQA path does: 2x slower on CPU at
