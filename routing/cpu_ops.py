@@ -13,6 +13,9 @@ import torch
 
 from . import native
 
+# False: every function returns None, so torch's kernels run (benchmarks compare both, as with Routers.fused)
+enabled = True
+
 # above this many elements torch's kernels (multi-threaded, vectorized) are the better choice: the native
 # call runs on one thread and is meant for decode steps and short prefills
 MAX_NATIVE_ELEMENTS = 1 << 16
@@ -23,7 +26,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     tensor shaped as x, as `torch.nn.functional.rms_norm(x, (d,), weight, eps)` (to float32 rounding); or
     None where the native call does not apply (another dtype, device or layout, more than
     MAX_NATIVE_ELEMENTS elements, autograd recording, or no native library)."""
-    lib = native.load()
+    lib = native.load() if enabled else None
     if lib is None or not x.is_cpu or x.dtype is not torch.float32 or not x.is_contiguous() \
             or weight.dtype is not torch.float32 or not weight.is_cpu or not weight.is_contiguous():
         return None
@@ -45,7 +48,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     attn_mask=mask, scale=scale, enable_gqa=True)` computes it (to float32 rounding), or None where the
     native call does not apply (not float32 on the CPU, H not a multiple of K, autograd recording, or no
     native library). Raises MemoryError when the native call cannot allocate its scratch space."""
-    lib = native.load()
+    lib = native.load() if enabled else None
     if lib is None or q.dtype is not torch.float32 or k.dtype is not torch.float32 or v.dtype is not torch.float32 \
             or not q.is_cpu or not k.is_cpu or not v.is_cpu:
         return None

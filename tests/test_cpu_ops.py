@@ -124,3 +124,10 @@ def test_torch_attends_where_the_native_call_does_not_apply(case: str) -> None:
     else:
         k, v = torch.randn(2, 2, 6, 16)[..., ::2], torch.randn(2, 2, 6, 16)[..., ::2]
     assert cpu_ops.decode_attention(q, k, v, mask, 0.3) is None
+
+
+def test_switched_off_for_benchmarks_torch_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_ops, "enabled", False)
+    q, (k, v) = torch.randn(1, 2, 1, 8), _cache_views(1, 1, 4, 8, cap=4)
+    assert cpu_ops.rms_norm(torch.randn(2, 8), torch.randn(8), 1e-6) is None
+    assert cpu_ops.decode_attention(q, k, v, None, 1.0) is None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .. import router_kernel
+from .. import cpu_ops, native, router_kernel
 from ..generation import BatchGenerator, GenerationRequest
 from ..model import DEFAULT_MODEL_NAME, BaseModel, fetch_default_gguf, load_model
 from ..paths import PROJECT_ROOT, base_cache_dir
@@ -233,12 +233,22 @@ def run(args: argparse.Namespace) -> int:
         res: dict[str, list[tuple[float, float]]] = {k: [] for k in ["transformers", *plans]}
         if side:
             res["llama.cpp"] = []
+        # the full plan with torch's kernels in place of the native per-token operations (routing.cpu_ops)
+        torch_ops = model.device.type == "cpu" and model.dtype == torch.float32 and native.load() is not None
+        if torch_ops:
+            res["full, torch ops"] = []
         for _ in range(args.rounds):
             res["transformers"].append(hf_run(reference, ids, batch, args.new_tokens))
             if side:
                 res["llama.cpp"].append(llamacpp.run(ids, args.new_tokens))
             for name, plan in plans.items():
                 res[name].append(executor_run(model, ids, batch, args.new_tokens, plan))
+            if torch_ops:
+                cpu_ops.enabled = False
+                try:
+                    res["full, torch ops"].append(executor_run(model, ids, batch, args.new_tokens, plans["full"]))
+                finally:
+                    cpu_ops.enabled = True
         med = {k: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v)) for k, v in res.items()}
         print(f"\nbatch {batch}")
         print(f"{'config':<22}{'executions':>11}{'prefill ms':>12}{'decode tok/s':>14}{'vs transformers':>17}"
@@ -257,6 +267,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'executor ' + name:<22}{plan.executions:>11}{p * 1e3:>12.1f}{d:>14.1f}{d / hf_tps:>17.2f}"
                   f"{d / med['full'][1]:>9.2f}{L / plan.executions:>7.2f}"
                   f"{(L * block + head) / (plan.executions * block + head):>12.2f}")
+        if torch_ops:
+            p, d = med["full, torch ops"]
+            print(f"{'executor full, torch':<22}{L:>11}{p * 1e3:>12.1f}{d:>14.1f}{d / hf_tps:>17.2f}"
+                  f"{d / med['full'][1]:>9.2f}   (torch's kernels for RMSNorm and decode attention)")
     if model.dtype != reference.dtype or model.quantization != "none":
         share, prefix = agreement(greedy(model, AGREEMENT_PROMPTS, 32), greedy(reference, AGREEMENT_PROMPTS, 32))
         print(f"\ngreedy agreement with {reference.dtype} over {len(AGREEMENT_PROMPTS)} prompts x 32 tokens: "
