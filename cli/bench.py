@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .common import add_model_args
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from routing.offline.bench import run
+    from routing.offline.bench import LlamaCppError, run
 
-    return run(args)
+    try:
+        return run(args)
+    except LlamaCppError as e:
+        print(f"drllm: error: {e}", file=sys.stderr)
+        return 2
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -57,6 +57,16 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def _fallback_dir() -> Path:
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"drllm-native-{uid}"
+
+
+def switched_off(variable: str) -> bool:
+    """Whether environment variable `variable` says off: 0, false, no or off, in any case."""
+    return os.environ.get(variable, "").strip().lower() in ("0", "false", "no", "off")
+
+
 def _compiler(compiler: str | None) -> list[str]:
     """The compiler command: `compiler`, else $CC (split like a shell word list, so `ccache gcc` works), else
     cc, gcc or clang from PATH. Raises RuntimeError when there is none."""
@@ -99,37 +109,40 @@ def build(compiler: str | None = None, openmp: bool = False) -> Path:
     `openmp`: build with OpenMP (OPENMP_FLAGS), so that one call may use several threads.
 
     The cache directory is $DRLLM_CACHE_DIR/native (default ~/.cache/drllm/native); where it cannot be
-    written (a read-only home), the build goes to a fresh temporary directory instead. Raises RuntimeError
-    when there is no C compiler or compiling fails, OSError when no directory can be written."""
+    written (a read-only home), a per-user directory under the system's temporary directory, reused by later
+    processes. Raises RuntimeError when there is no C compiler or compiling fails, OSError when neither
+    directory can be written."""
     cc = _compiler(compiler)
     src = b"".join(s.read_bytes() for s in SOURCES)
     flags = FLAGS + OPENMP_FLAGS if openmp else FLAGS
     key = hashlib.sha256(src + repr((cc, flags, platform.machine(), _cpu_flags())).encode()).hexdigest()[:16]
     name = f"drllm-native-{key}.so"
-    out = _cache_dir() / name
-    if _cached(out):
-        return out
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent))
-    except OSError as e:
-        log.info("native kernel cache %s is not writable (%s): building in a temporary directory", out.parent, e)
-        staging = Path(tempfile.mkdtemp(prefix="drllm-native-"))
-        out = staging / name
+    for directory in (_cache_dir(), _fallback_dir()):
+        out = directory / name
+        if _cached(out):
+            return out
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=out.parent))
+            break
+        except OSError as e:
+            log.info("native kernel cache %s is not writable (%s)", out.parent, e)
+    else:
+        raise OSError(f"no writable directory for the native kernels ({_cache_dir()}, {_fallback_dir()})")
     tmp_out = staging / f"build-{name}"
     try:
         res = subprocess.run([*cc, *flags, *(str(s) for s in SOURCES), "-o", str(tmp_out), "-lm"],
                              capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"compiling {', '.join(s.name for s in SOURCES)} failed: {res.stderr.strip()[:500]}")
+            why = res.stderr.strip()[:500] or f"{shlex.join(cc)} exited with status {res.returncode}"
+            raise RuntimeError(f"compiling {', '.join(s.name for s in SOURCES)} failed: {why}")
         sha = staging / f"build-{name}.sha256"
         sha.write_text(_digest(tmp_out))
         # atomic renames, the library first: concurrent builders each leave a complete, verified pair
         os.replace(tmp_out, out)
         os.replace(sha, out.with_suffix(".sha256"))
     finally:
-        if staging != out.parent:
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -154,7 +167,7 @@ def load() -> ctypes.CDLL | None:
     with _lock:
         if _tried:
             return _lib
-        if os.environ.get("DRLLM_NATIVE", "1") not in ("0", "false", "no"):
+        if not switched_off("DRLLM_NATIVE"):
             try:
                 lib, path = _load_built()
                 for name, argtypes in FUNCTIONS.items():
@@ -172,14 +185,31 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
+def is_gcc(cc: list[str]) -> bool:
+    """Whether `cc` is GCC itself (not clang or Intel's compilers, which also define __GNUC__): only GCC's
+    -fopenmp links libgomp, the runtime torch already runs; clang's would bring LLVM's libomp, a second pool."""
+    try:
+        res = subprocess.run([*cc, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    macros = {line.split()[1] for line in res.stdout.splitlines() if line.startswith("#define ")}
+    return res.returncode == 0 and "__GNUC__" in macros and not macros & {"__clang__", "__INTEL_COMPILER",
+                                                                          "__INTEL_LLVM_COMPILER"}
+
+
 def _load_built() -> tuple[ctypes.CDLL, Path]:
-    """Build (with OpenMP when torch runs on libgomp; without, should that build fail) and load."""
-    if torch_uses_libgomp():
+    """Build (with OpenMP when torch runs on libgomp and the compiler is GCC; without, should that build fail)
+    and load."""
+    try:
+        gomp = torch_uses_libgomp() and is_gcc(_compiler(None))
+    except RuntimeError:  # no compiler: build() says so below
+        gomp = False
+    if gomp:
         try:
             path = build(openmp=True)
             return ctypes.CDLL(str(path)), path
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            log.info("router kernel: no OpenMP build (%s); building it for one thread", e)
+            log.info("native kernels: no OpenMP build (%s); building them for one thread", e)
     path = build()
     return ctypes.CDLL(str(path)), path
 

@@ -12,8 +12,8 @@
  * h        [b, n, d]  hidden states entering the block (row-major, contiguous)
  * out      [b, c]     decision logits
  * threads  how many OpenMP threads may share the call (built with -fopenmp; otherwise it runs on one):
- *          they pool a share of the columns each, then compute a share of fc1's outputs each
- * Returns 0, or -1 when its scratch space (b window d + threads (window k + k + b c) floats) cannot be
+ *          each pools the rows and computes a share of fc1's outputs
+ * Returns 0, or -1 when its scratch space (threads (b window d + window k + k + b c) floats) cannot be
  * allocated.
  * Window w of a row with T tokens and W = min(window, T) windows holds token t iff w = ((t+1) W - 1) / T
  * (integer division), as routing.router_net.pooling_weights assigns them.
@@ -145,25 +145,25 @@ static int64_t row_windows(const drllm_router_args *a, int64_t r, int64_t *T_out
     return W;
 }
 
-/* pooled[r, w, i0:i1] (pooled [b, window, d]) = the mean of row r's tokens in window w, columns i0..i1-1. */
-static void pool_columns(const drllm_router_args *a, const float *h, int64_t i0, int64_t i1, float *pooled) {
+/* pooled[r, w, :] (pooled [b, window, d]) = the mean of row r's tokens in window w. */
+static void pool(const drllm_router_args *a, const float *h, float *pooled) {
     int64_t n = a->n, d = a->d, window = a->window;
     for (int64_t r = 0; r < a->b; r++) {
         int64_t counts[64], T;
         int64_t W = row_windows(a, r, &T, counts);
         float *pr = pooled + r * window * d;
         const float *hr = h + r * n * d;
-        for (int64_t w = 0; w < W; w++) memset(pr + w * d + i0, 0, (size_t)(i1 - i0) * sizeof(float));
+        for (int64_t w = 0; w < W; w++) memset(pr + w * d, 0, (size_t)d * sizeof(float));
         for (int64_t t = 0; t < T; t++) {
             float *p = pr + ((t + 1) * W - 1) / T * d;
             const float *x = hr + t * d;
-            for (int64_t i = i0; i < i1; i++) p[i] += x[i];
+            for (int64_t i = 0; i < d; i++) p[i] += x[i];
         }
         for (int64_t w = 0; w < W; w++) {
             if (!counts[w]) continue;
             float inv = 1.0f / (float)counts[w];
             float *p = pr + w * d;
-            for (int64_t i = i0; i < i1; i++) p[i] *= inv;
+            for (int64_t i = 0; i < d; i++) p[i] *= inv;
         }
     }
 }
@@ -205,20 +205,16 @@ static void bottleneck_part(const drllm_router_args *a, const float *pooled, int
     }
 }
 
-/* Thread t of nt: pool its share of the columns (cut at 16-float lines), wait for the others, then its share
- * of fc1's outputs. Called outside a parallel region, the barrier is a no-op (a team of one). */
+/* Thread t of nt: pool every row (each thread on its own: no barrier, so that one thread the OS has
+ * descheduled on a busy machine stalls nobody before the final join), then its share of fc1's outputs. */
 static void router_thread(const drllm_router_args *a, const float *h, int64_t t, int64_t nt, float *pooled,
                           float *mine, float *part) {
     int64_t d = a->d, k = a->k;
     int64_t j0 = k * t / nt, j1 = k * (t + 1) / nt;
-    int64_t i0 = t == 0 ? 0 : (d * t / nt) & ~(int64_t)15, i1 = t == nt - 1 ? d : (d * (t + 1) / nt) & ~(int64_t)15;
     /* fc1's weights come cold from memory (a block just streamed its own through the caches): ask for this
      * thread's share at once, in order, so that it arrives while the pooling runs */
     for (int64_t off = j0 * d; off < j1 * d; off += 16) __builtin_prefetch(a->w1 + off, 0, 3);
-    if (i1 > i0) pool_columns(a, h, i0, i1, pooled);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+    pool(a, h, pooled);
     bottleneck_part(a, pooled, j0, j1, mine, mine + a->window * k, part);
 }
 
@@ -232,22 +228,20 @@ int drllm_router_logits(const drllm_router_weights *wt, const drllm_router_shape
 #ifndef _OPENMP
     threads = 1;
 #endif
-    /* shared: the pooled windows [b, window, d]; per thread: fc1 outputs [window, k], mix [k], partial
-     * logits [b, c] */
-    int64_t shared = b * window * d, per = window * k + k + b * c;
-    float *scratch = malloc((size_t)(shared + threads * per) * sizeof(float));
+    /* per thread: the pooled windows [b, window, d], fc1 outputs [window, k], mix [k], partial logits [b, c] */
+    int64_t pw = b * window * d, per = pw + window * k + k + b * c, at = pw + window * k + k;
+    float *scratch = malloc((size_t)(threads * per) * sizeof(float));
     if (!scratch) return -1;
-    float *pooled = scratch, *thread0 = scratch + shared;
     if (threads == 1) {
-        router_thread(args, h, 0, 1, pooled, thread0, thread0 + window * k + k);
+        router_thread(args, h, 0, 1, scratch, scratch + pw, scratch + at);
     } else {
 #ifdef _OPENMP
         int64_t team = 1;
 #pragma omp parallel num_threads((int)threads)
         {
             int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-            float *mine = thread0 + t * per;
-            router_thread(args, h, t, nt, pooled, mine, mine + window * k + k);
+            float *mine = scratch + t * per;
+            router_thread(args, h, t, nt, mine, mine + pw, mine + at);
             if (t == 0) team = nt;  /* the runtime may give fewer threads than asked */
         }
         threads = team;
@@ -255,7 +249,7 @@ int drllm_router_logits(const drllm_router_weights *wt, const drllm_router_shape
     }
     for (int64_t i = 0; i < b * c; i++) {  /* the threads' partial sums, in thread order */
         float s = 0.0f;
-        for (int64_t t = 0; t < threads; t++) s += thread0[t * per + window * k + k + i];
+        for (int64_t t = 0; t < threads; t++) s += scratch[t * per + at + i];
         out[i] = s + args->b2[i % c];
     }
     free(scratch);

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 
 import torch
 
@@ -28,7 +27,7 @@ _switched_off_logged = [False]
 def load() -> ctypes.CDLL | None:
     """The native library for the router kernel, or None when DRLLM_ROUTER_KERNEL=0 (logged once) or the
     library is unavailable (`native.load`)."""
-    if os.environ.get("DRLLM_ROUTER_KERNEL", "1") in ("0", "false", "no"):
+    if native.switched_off("DRLLM_ROUTER_KERNEL"):
         if not _switched_off_logged[0]:
             log.info("fused router kernel switched off (DRLLM_ROUTER_KERNEL): using torch kernels")
             _switched_off_logged[0] = True

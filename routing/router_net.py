@@ -95,7 +95,8 @@ class Routers(nn.Module):
         )
 
     def layer_logits(self, layer: int, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """hidden [b, n, d] entering block `layer`; lengths [b] (CPU) -> decision logits [b, 3] (float32).
+        """hidden [b, n, d] entering block `layer`; lengths [b] (CPU, each at most n) -> decision logits [b, 3],
+        in the routers' dtype (float32 as loaded). Raises ValueError for other shapes or longer lengths.
 
         30 of these run inside every routed prefill, each right after a block whose weights evicted the
         caches, where each torch kernel or Python step costs ~10-40 us (bench/router_cold.py). So:
@@ -121,7 +122,7 @@ class Routers(nn.Module):
         b1, w1t, b2, w2t = st.per_layer[layer]
         weights, avg, convert = st.pooling  # [b, W, n], [b, 1, W]; hidden's dtype or device differ
         if convert:
-            hidden = hidden.to(weights.device, torch.float32)
+            hidden = hidden.to(weights.device, weights.dtype)
         if weights.dim() == 2:  # one row (batch-1 prefill): 2-D kernels
             g = F.gelu(torch.addmm(b1, torch.mm(weights, hidden[0]), w1t), approximate="tanh")
             return torch.addmm(b2, torch.mm(avg, g), w2t)
@@ -136,14 +137,19 @@ class Routers(nn.Module):
         to the router weights is kept while their tensors and storage stay: it reads them in place), or for
         the torch kernels the pooling weights for `lengths` and hidden's n tokens (kept while those stay) and
         each layer's weights (`_layer_weights`, rebuilt when a weight changes in place: its version moves)."""
+        if hidden.dim() != 3 or lengths.dim() != 1 or lengths.shape[0] != hidden.shape[0]:
+            raise ValueError(f"hidden must be [b, n, d] and lengths [b]: got {tuple(hidden.shape)} and "
+                             f"{tuple(lengths.shape)}")
+        if lengths.numel() and int(lengths.max()) > hidden.shape[1]:
+            raise ValueError(f"lengths must not exceed the hidden state's {hidden.shape[1]} tokens")
         old = self.__dict__.get("_prep")
         grad = torch.is_grad_enabled()
         params = self._params()
-        dev = params[0].device
-        convert = hidden.dtype != torch.float32 or hidden.device != dev
+        dev, dtype = params[0].device, params[0].dtype
+        convert = hidden.dtype != dtype or hidden.device != dev
         st = _PrefillState(lengths, hidden.shape, grad)
         lib = router_kernel.load() if self.fused and not grad and dev.type == "cpu" and not convert \
-            and params[0].dtype == torch.float32 and self.config.window <= router_kernel.MAX_WINDOW else None
+            and dtype == torch.float32 and self.config.window <= router_kernel.MAX_WINDOW else None
         if lib is not None:
             key = tuple(t.data_ptr() for t in params)
             bound = self.__dict__.get("_kernel")
@@ -160,11 +166,11 @@ class Routers(nn.Module):
                 return st
         values = tuple(lengths.tolist())
         if old is not None and old.pooling is not None and old.values == values and old.shape == hidden.shape \
-                and old.pooling[0].device == dev and old.pooling[2] == convert:
+                and old.pooling[0].device == dev and old.pooling[0].dtype == dtype and old.pooling[2] == convert:
             st.pooling = old.pooling
         else:
-            weights, valid = pooling_weights(lengths, hidden.shape[1], self.config.window, torch.float32, dev)
-            avg = window_average(valid, torch.float32).unsqueeze(1)
+            weights, valid = pooling_weights(lengths, hidden.shape[1], self.config.window, dtype, dev)
+            avg = window_average(valid, dtype).unsqueeze(1)
             if hidden.shape[0] == 1:  # [W, n], [1, W]: 2-D kernels, with no per-layer indexing
                 weights, avg = weights[0], avg[0]
             st.pooling = (weights, avg, convert)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,11 @@ FAKE = '''
 import json, sys
 mode = sys.argv[-1]
 if mode == "die":
+    print("ModuleNotFoundError: No module named 'llama_cpp'", file=sys.stderr)
     sys.exit(3)
+if mode == "garbage":
+    print("llama_model_load: error loading model", flush=True)
+    sys.exit(1)
 print(json.dumps({"ready": True, "llama_cpp": "fake", "threads": int(sys.argv[3])}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
@@ -45,17 +48,46 @@ def test_rounds_go_through_one_runner_process(tmp_path: Path, monkeypatch: pytes
     assert lc.proc.returncode == 0
 
 
-@pytest.mark.parametrize(("mode", "match"), [("die", "exited"), ("refuse", "too long")])
+@pytest.mark.parametrize(("mode", "match"), [("die", "status 3.*No module named 'llama_cpp'"),
+                                             ("garbage", "error loading model"), ("refuse", "too long")])
 def test_a_failing_runner_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str,
                                            match: str) -> None:
+    """What the runner said on stderr (a missing llama_cpp module) or stdout comes with the error."""
     _runner(tmp_path, monkeypatch, mode)
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(bench.LlamaCppError, match=match):
         lc = bench.LlamaCpp(sys.executable, tmp_path / "model.gguf", 1)
         lc.run([1, 2], 4)
 
 
-def test_another_model_needs_its_gguf() -> None:
-    other = types.SimpleNamespace(name="tiny-llama")
-    with pytest.raises(ValueError, match="--llamacpp-gguf"):
-        bench.llamacpp_gguf(argparse.Namespace(llamacpp_gguf=""), other)
-    assert bench.llamacpp_gguf(argparse.Namespace(llamacpp_gguf="/m.gguf"), other) == Path("/m.gguf")
+def test_a_python_that_cannot_run_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(bench.LlamaCppError, match="cannot run"):
+        bench.LlamaCpp(str(tmp_path), tmp_path / "model.gguf", 1)
+
+
+def _args(tmp_path: Path, **kw: object) -> argparse.Namespace:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    base = {"model": "tiny", "llamacpp_gguf": str(gguf), "llamacpp_python": sys.executable, "batch": [1],
+            "new_tokens": 8}
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize(("kw", "error", "match"), [
+    ({"batch": [8]}, ValueError, "batch 1"),
+    ({"new_tokens": 1}, ValueError, "at least 2"),
+    ({"llamacpp_python": "/no/such/python"}, FileNotFoundError, "not an executable"),
+    ({"llamacpp_gguf": "/no/such.gguf"}, FileNotFoundError, "GGUF file not found"),
+    ({"llamacpp_gguf": ""}, ValueError, "--llamacpp-gguf"),
+])
+def test_options_are_checked_before_anything_loads(tmp_path: Path, kw: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        bench.start_llamacpp(_args(tmp_path, **kw))
+
+
+def test_a_gguf_model_is_its_own_llamacpp_file(tmp_path: Path) -> None:
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert bench.llamacpp_gguf(argparse.Namespace(model=str(gguf), llamacpp_gguf="")) == gguf
+    other = tmp_path / "y.gguf"
+    other.write_bytes(b"GGUF")
+    assert bench.llamacpp_gguf(argparse.Namespace(model=str(gguf), llamacpp_gguf=str(other))) == other

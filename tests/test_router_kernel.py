@@ -72,7 +72,8 @@ def test_the_kernel_shares_torchs_openmp_runtime_only() -> None:
     assert native.openmp(lib) == native.torch_uses_libgomp()
     if native.openmp(lib):
         maps = Path("/proc/self/maps").read_text().splitlines()
-        assert len({line.split()[-1] for line in maps if "libgomp" in line}) == 1
+        runtimes = {line.split()[-1] for line in maps if any(r in line for r in ("libgomp", "libomp", "libiomp"))}
+        assert len(runtimes) == 1, runtimes  # torch's libgomp alone: no second OpenMP runtime
 
 
 @needs_kernel
@@ -341,3 +342,64 @@ def test_cc_may_hold_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Non
     assert native._compiler(None) == ["cc", "-std=gnu11"]
     lib = router_kernel.load()
     assert lib is not None and _kernel_works(lib)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("lengths", [[4] * 3, [4] * 200000, [], [100]])
+def test_lengths_must_match_the_hidden_state(fused: bool, lengths: list[int]) -> None:
+    """A newcomer's finding: lengths with more rows than hidden made the fused kernel read past hidden's end
+    (garbage, or a segfault), and lengths beyond n pooled differently on the two paths. Both are errors now,
+    on both paths."""
+    r = Routers(RouterConfig(n_layers=2, hidden_size=16, bottleneck=8)).eval()
+    r.fused = fused
+    with torch.inference_mode(), pytest.raises(ValueError, match="lengths"):
+        r.layer_logits(0, torch.randn(1, 4, 16), torch.tensor(lengths, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_routers_in_another_dtype_route(dtype: torch.dtype) -> None:
+    """A newcomer's finding: routers moved to float64 or bfloat16 raised a dtype mismatch (the pooling
+    weights and the hidden state were always float32). They take the torch kernels in their own dtype."""
+    torch.manual_seed(0)
+    r = Routers(RouterConfig(n_layers=2, hidden_size=16, bottleneck=8)).eval()
+    h, lens = torch.randn(2, 5, 16), torch.tensor([5, 3])
+    want = [_module_logits(r, layer, h, lens) for layer in range(2)]
+    r.to(dtype)
+    with torch.inference_mode():
+        got = [r.layer_logits(layer, h, lens) for layer in range(2)]
+    tol = 1e-5 if dtype == torch.float64 else 5e-2  # against the float32 modules
+    for layer in range(2):
+        assert got[layer].dtype == dtype
+        torch.testing.assert_close(got[layer].float(), want[layer], atol=tol, rtol=tol)
+
+
+def test_only_gcc_builds_with_openmp(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A newcomer's finding: with CC=clang, -fopenmp linked LLVM's libomp beside torch's libgomp (two thread
+    pools), and the log said "torch's threads". Only GCC builds with OpenMP now."""
+    fake = tmp_path / "fakeclang"
+    fake.write_text("#!/bin/sh\necho '#define __GNUC__ 4'\necho '#define __clang__ 1'\n")
+    fake.chmod(0o755)
+    assert not native.is_gcc([str(fake)])
+    assert not native.is_gcc([str(tmp_path / "missing")])
+    if native.load() is not None and native.torch_uses_libgomp():
+        assert native.is_gcc(native._compiler(None)) == native.openmp(native.load())
+
+
+def test_switches_read_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, off in (("off", True), ("False", True), (" NO ", True), ("0", True), ("1", False), ("", False)):
+        monkeypatch.setenv("DRLLM_ROUTER_KERNEL", value)
+        assert native.switched_off("DRLLM_ROUTER_KERNEL") == off
+
+
+@needs_kernel
+def test_an_unwritable_cache_leaves_no_temporary_directories(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A newcomer's finding: each process left a fresh /tmp/drllm-native-XXXX behind. The fallback is one
+    per-user directory, reused."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    for _ in range(2):
+        _fresh_loader(monkeypatch, blocker / "cache")
+        assert router_kernel.load() is not None
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == [native._fallback_dir().name]

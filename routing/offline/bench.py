@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 
 from .. import cpu_ops, native, router_kernel
 from ..generation import BatchGenerator, GenerationRequest
-from ..model import DEFAULT_MODEL_NAME, BaseModel, fetch_default_gguf, load_model
+from ..model import BaseModel, fetch_default_gguf, load_model
 from ..paths import PROJECT_ROOT, base_cache_dir
 from ..plan import LayerPlan
 from ..planner import FixedPlanner, PlanRequest
@@ -111,29 +113,45 @@ def hf_run(model: BaseModel, ids: list[int], batch: int, new_tokens: int) -> tup
     return prefill, batch * (new_tokens - 1) / max(total - prefill, 1e-9)
 
 
+class LlamaCppError(Exception):
+    """The llama.cpp runner could not start, died, or refused a request (its message says which)."""
+
+
 class LlamaCpp:
     """llama.cpp on a GGUF in its own environment (bench/llamacpp_env.sh builds one), run through
     bench/llamacpp_runner.py as a subprocess that stays up between rounds, so that its rounds interleave
-    with the executor's. Raises RuntimeError when the runner cannot start or answers with an error."""
+    with the executor's. Raises LlamaCppError when the runner cannot start or answers with an error (with
+    the end of what it wrote to stderr)."""
 
     RUNNER = PROJECT_ROOT / "bench" / "llamacpp_runner.py"
 
     def __init__(self, python: str, gguf: Path, threads: int) -> None:
         if not self.RUNNER.is_file():
-            raise RuntimeError(f"{self.RUNNER} not found: the llama.cpp comparison runs from a source checkout")
-        self.proc = subprocess.Popen([python, str(self.RUNNER), str(gguf), "--threads", str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            raise LlamaCppError(f"{self.RUNNER} not found: the llama.cpp comparison runs from a source checkout")
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        try:
+            self.proc = subprocess.Popen([python, str(self.RUNNER), str(gguf), "--threads", str(threads)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        except OSError as e:
+            raise LlamaCppError(f"cannot run {python}: {e}") from e
         self.info = self._read()
         self.gguf = gguf
 
     def _read(self) -> dict:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the llama.cpp runner exited (status {self.proc.wait()})")
-        out = json.loads(line)
+        try:
+            out = json.loads(line) if line else None
+        except json.JSONDecodeError:
+            out = None
+        if not isinstance(out, dict):
+            status = self.proc.wait(timeout=30) if not line else "running"
+            self.stderr.seek(0)
+            tail = self.stderr.read().strip().splitlines()[-3:]
+            raise LlamaCppError(f"the llama.cpp runner failed (exit status {status}): "
+                                f"{' / '.join(tail) or line.strip() or 'no output'}")
         if "error" in out:
-            raise RuntimeError(f"llama.cpp runner: {out['error']}")
+            raise LlamaCppError(f"llama.cpp runner: {out['error']}")
         return out
 
     def run(self, ids: list[int], new_tokens: int) -> tuple[float, float]:
@@ -145,19 +163,46 @@ class LlamaCpp:
         return out["prefill_s"], out["decode_tps"]
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        if self.proc.poll() is None:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.stderr.close()
 
 
-def llamacpp_gguf(args: argparse.Namespace, model: BaseModel) -> Path:
-    """The GGUF llama.cpp runs: --llamacpp-gguf, else the default model's own (the file it was converted
-    from). Raises ValueError for another model without --llamacpp-gguf."""
+def llamacpp_gguf(args: argparse.Namespace) -> Path:
+    """The GGUF llama.cpp runs: --llamacpp-gguf, else the model's own when it is a GGUF file or the default
+    (the Q4_1 file it is converted from). Raises FileNotFoundError for a missing file, ValueError for another
+    model without --llamacpp-gguf."""
+    model = str(args.model or "default")
     if args.llamacpp_gguf:
-        return Path(args.llamacpp_gguf)
-    if model.name != DEFAULT_MODEL_NAME:
-        raise ValueError("--llamacpp-python needs --llamacpp-gguf for a model other than the default")
-    return fetch_default_gguf(base_cache_dir())
+        path = Path(args.llamacpp_gguf)
+    elif model.endswith(".gguf"):
+        path = Path(model)
+    elif model == "default":
+        return fetch_default_gguf(base_cache_dir())
+    else:
+        raise ValueError("--llamacpp-python needs --llamacpp-gguf for a model that is not a GGUF file or the "
+                         "default")
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    return path
+
+
+def start_llamacpp(args: argparse.Namespace) -> LlamaCpp:
+    """Check the llama.cpp options and start the runner (before the models load, so that a mistake shows at
+    once). Raises ValueError, FileNotFoundError or LlamaCppError."""
+    if 1 not in args.batch:
+        raise ValueError("--llamacpp-python compares at batch 1: add 1 to --batch")
+    if args.new_tokens < 2:
+        raise ValueError("--llamacpp-python needs --new-tokens of at least 2 (a decode rate)")
+    python = Path(args.llamacpp_python)
+    if not python.is_file() or not os.access(python, os.X_OK):
+        raise FileNotFoundError(f"--llamacpp-python {python}: not an executable file")
+    return LlamaCpp(str(python), llamacpp_gguf(args), torch.get_num_threads())
 
 
 def router_overhead(model: BaseModel, ids: list[int], rounds: int) -> dict[str, tuple[float, float, float]]:
@@ -202,6 +247,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
+    llamacpp = start_llamacpp(args) if getattr(args, "llamacpp_python", None) else None
+    try:
+        return _run(args, llamacpp)
+    finally:
+        if llamacpp is not None:
+            llamacpp.close()
+
+
+def _run(args: argparse.Namespace, llamacpp: LlamaCpp | None) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
     ref_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
     reference = load_model(args.model, device=model.device, dtype=ref_dtype)  # transformers' own layout
@@ -217,11 +271,8 @@ def run(args: argparse.Namespace) -> int:
           f"{torch.get_num_threads()}; prompt {len(ids)} tokens; {args.new_tokens} new tokens; "
           f"median of {args.rounds} interleaved rounds")
     first_full_tps: list[float] = []  # batch-1 decode tokens/s of the full plan
-    llamacpp = None
-    if getattr(args, "llamacpp_python", None):
-        gguf = llamacpp_gguf(args, model)
-        llamacpp = LlamaCpp(args.llamacpp_python, gguf, torch.get_num_threads())
-        print(f"llama.cpp: llama-cpp-python {llamacpp.info.get('llama_cpp')}, {gguf.name}, "
+    if llamacpp is not None:
+        print(f"llama.cpp: llama-cpp-python {llamacpp.info.get('llama_cpp')}, {llamacpp.gguf.name}, "
               f"{llamacpp.info.get('threads')} threads, run side by side at batch 1")
     llamacpp_tps: list[float] = []
     for batch in args.batch:
@@ -277,7 +328,6 @@ def run(args: argparse.Namespace) -> int:
               f"{100 * share:.0f}% identical continuations, {100 * prefix:.1f}% of tokens before the first "
               "divergence")
     if llamacpp is not None:
-        llamacpp.close()
         if llamacpp_tps and first_full_tps:
             print(f"llama.cpp side by side: {llamacpp_tps[0]:.1f} tok/s at batch 1 -> executor full / llama.cpp = "
                   f"{first_full_tps[0] / llamacpp_tps[0]:.2f}")
