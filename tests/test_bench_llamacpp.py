@@ -20,6 +20,10 @@ if mode == "die":
 if mode == "garbage":
     print("llama_model_load: error loading model", flush=True)
     sys.exit(1)
+if mode == "garbage-alive":
+    print("not json", flush=True)
+    sys.stdin.read()  # runs until its stdin closes
+    sys.exit(0)
 print(json.dumps({"ready": True, "llama_cpp": "fake", "threads": int(sys.argv[3])}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
@@ -57,6 +61,16 @@ def test_a_failing_runner_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(bench.LlamaCppError, match=match):
         lc = bench.LlamaCpp(sys.executable, tmp_path / "model.gguf", 1)
         lc.run([1, 2], 4)
+
+
+def test_a_runner_that_answers_garbage_is_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _runner(tmp_path, monkeypatch, "garbage-alive")
+    procs = []
+    real = bench.subprocess.Popen
+    monkeypatch.setattr(bench.subprocess, "Popen", lambda *a, **k: procs.append(real(*a, **k)) or procs[-1])
+    with pytest.raises(bench.LlamaCppError, match="not json"):
+        bench.LlamaCpp(sys.executable, tmp_path / "model.gguf", 1)
+    assert procs[0].poll() is not None  # not left running
 
 
 def test_a_python_that_cannot_run_is_a_clear_error(tmp_path: Path) -> None:

@@ -133,9 +133,14 @@ class LlamaCpp:
             self.proc = subprocess.Popen([python, str(self.RUNNER), str(gguf), "--threads", str(threads)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         except OSError as e:
+            self.stderr.close()
             raise LlamaCppError(f"cannot run {python}: {e}") from e
-        self.info = self._read()
         self.gguf = gguf
+        try:
+            self.info = self._read()
+        except LlamaCppError:
+            self.close()  # a runner that answered garbage may still be running
+            raise
 
     def _read(self) -> dict:
         assert self.proc.stdout is not None
