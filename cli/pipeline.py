@@ -103,7 +103,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     cfg = SearchConfig(simulations=args.simulations, c_explore=args.c_explore, length_penalty=args.length_penalty,
                        soft_weight=args.soft_weight, widen=args.widen, rollout=args.rollout, batch=args.batch,
                        stop_saved=args.stop_saved, stop_on_fix=args.stop_on_fix, seed=args.seed,
-                       order=_skip_order(args.order, L), max_skip=args.max_skip)
+                       order=_skip_order(args.order, L), max_skip=args.max_skip, exhaustive=args.exhaustive)
     if args.method == "static" and not cfg.order:
         raise ValueError("--method static needs --order (a comma list of blocks or a router checkpoint)")
     crit = _criteria(args)
@@ -161,6 +161,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         keys = [k for k in keys if any(k[0].startswith(t) for t in args.task_filter)]
     if not keys:
         raise ValueError("no search records to train on")
+    pooling = None
+    if args.pool_mc is not None:
+        from routing.offline.search import pool_targets
+
+        pooled, pooling = pool_targets([records[k] for k in keys], args.pool_mc)
+        if not pooling:
+            raise ValueError("--pool-mc needs multiple-choice records of `drllm search --method static --exhaustive`")
+        records = dict(zip(keys, pooled, strict=True))
+        print(json.dumps({"pooled_targets": pooling}))
     model = _setup(args)
     prompts = [records[k]["prompt"] for k in keys]
     targets = [records[k]["target"] for k in keys]
@@ -179,7 +188,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "search_files": _provenance(args.search), "examples": len(keys), "config": cfg.__dict__,
         "tasks": sorted({k[0] for k in keys}),
         "targets": {"mean_executions": sum(r["target_executions"] for r in recs) / len(recs),
-                    "shorter": sum(bool(r["shorter"]) for r in recs), "fixed": sum(bool(r["fixed"]) for r in recs)},
+                    "shorter": sum(bool(r["shorter"]) for r in recs), "fixed": sum(bool(r["fixed"]) for r in recs),
+                    "pooled": pooling},
         **info,
     }
     out = save_routers(args.out, routers, model, training=training, default=args.default)
@@ -310,6 +320,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--order", default=None,
                    help="--method static: blocks in skip order (comma list) or a router checkpoint (its budget_order)")
     p.add_argument("--max-skip", type=int, default=8, help="--method static: longest prefix of --order tried")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="--method static: score every prefix (no bisection), for `drllm train --pool-mc`")
     p.add_argument("--method", choices=("mcts", "chain", "static"), default="mcts",
                    help="mcts; chain: the reference's chain of random edits; static: bisection along --order")
     p.add_argument("--simulations", type=int, default=32, help="plan evaluations per example")
@@ -341,6 +353,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task-filter", action="append", default=None,
                    help="train only on records whose task starts with this (repeatable)")
     p.add_argument("--out", required=True, help="router checkpoint directory")
+    p.add_argument("--pool-mc", type=float, default=None, metavar="POINTS",
+                   help="pooled multiple-choice targets: per task, the deepest prefix of the static order "
+                   "whose accuracy on the task's examples stays within POINTS of full (needs records of "
+                   "`drllm search --method static --exhaustive`)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -12,7 +12,7 @@ from cli.main import build_parser
 from routing.checkpoint import update_meta
 from routing.offline.evaluate import Evaluator, calibrate, evaluate, random_plan, static_plan, write_report
 from routing.offline.plan_scoring import PlanScorer
-from routing.offline.search import SearchConfig, search_many
+from routing.offline.search import SearchConfig, pool_targets, search_many
 from routing.offline.supervision import Item, task_items
 from routing.offline.tasks import make_math
 from routing.offline.tasks.base import Example
@@ -22,8 +22,8 @@ from routing.router_net import RouterConfig
 from routing.routers import load_routers, save_routers
 
 
-@pytest.mark.parametrize("method", ["mcts", "static"])
-def test_search_train_calibrate_eval_end_to_end(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "pooled"), [("mcts", False), ("static", False), ("static", True)])
+def test_search_train_calibrate_eval_end_to_end(tmp_path: Path, method: str, pooled: bool) -> None:
     model = toy_model(seed=2)
     L = model.spec.n_layers
     tok = model.tokenizer
@@ -34,10 +34,16 @@ def test_search_train_calibrate_eval_end_to_end(tmp_path: Path, method: str) -> 
               for i in range(3)]
     scorer = PlanScorer(model, max_rows=16, stops=stop_ids(tok, model.eos_token_ids))
     order = tuple(reversed(range(L)))
-    cfg = SearchConfig(simulations=8, batch=4, order=order, max_skip=3)
+    cfg = SearchConfig(simulations=8, batch=4, order=order, max_skip=3, exhaustive=pooled)
     res = search_many(scorer, [it.enc for it in items], cfg, method, seeds=list(range(11)))
-    recs = [r.record(L) for r in res]
+    recs = [r.record(L) | {"id": it.id, "task": it.task, "kind": it.enc.kind, "config": {"order": list(order)}}
+            for r, it in zip(res, items, strict=True)]
     assert all(len(r["target"]) == L and r["evals"] <= 8 for r in recs)
+    if pooled:  # every multiple-choice example of the task gets the task's pooled prefix
+        assert all(len(r["prefix_correct"]) == 4 for r in recs)
+        recs, pooling = pool_targets(recs, margin=50.0)
+        k = pooling["toy-mc"]["k"]
+        assert {tuple(r["target"]) for r in recs[:6]} == {tuple(0 if i in order[:k] else 1 for i in range(L))}
     if method == "static":  # every target skips a prefix of the order, at most max_skip long
         for r in recs:
             k = r["target"].count(0)

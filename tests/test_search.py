@@ -4,6 +4,7 @@ many examples in lockstep equal searching each alone, and the chain baseline sta
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from routing.offline.search import (
     StaticChain,
     actions,
     apply_action,
+    pool_targets,
     search_example,
     search_many,
 )
@@ -107,9 +109,11 @@ def test_search_config_rejects_unknown_method(model) -> None:
     assert torch.tensor(0).item() == 0
 
 
-def _drive_static(L: int, order: tuple[int, ...], max_skip: int, ok_upto: int) -> StaticChain:
-    """Run a StaticChain whose plan k is acceptable iff k <= ok_upto (k = blocks of `order` skipped)."""
-    s = StaticChain(L, SearchConfig(order=order, max_skip=max_skip, simulations=32))
+def _drive_static(L: int, order: tuple[int, ...], max_skip: int, ok_upto: int, exhaustive: bool = False,
+                  correct: Callable[[int], bool] | None = None) -> StaticChain:
+    """Run a StaticChain whose plan k is acceptable iff k <= ok_upto (k = blocks of `order` skipped), and
+    correct iff `correct(k)` (default: acceptable)."""
+    s = StaticChain(L, SearchConfig(order=order, max_skip=max_skip, simulations=32, exhaustive=exhaustive))
     gen = s.steps()
     plans = next(gen)
     try:
@@ -118,7 +122,7 @@ def _drive_static(L: int, order: tuple[int, ...], max_skip: int, ok_upto: int) -
             for p in plans:
                 k = sum(c == 0 for c in p)
                 assert p == s.plan_k(k)  # every plan asked for is a prefix of the order
-                outs.append(Outcome(k <= ok_upto, 1.0, k <= ok_upto))
+                outs.append(Outcome(k <= ok_upto, 1.0, correct(k) if correct else k <= ok_upto))
             plans = gen.send(outs)
     except StopIteration:
         pass
@@ -144,3 +148,46 @@ def test_static_chain_needs_an_order(model) -> None:
                          method="static")
     skipped = {i for i, c in enumerate(res.target) if c == 0}
     assert skipped in (set(), {2}, {1, 2}, {1, 2, 4})
+
+
+@pytest.mark.parametrize("ok_upto", [0, 2, 5, 9])
+def test_exhaustive_static_chain_scores_every_prefix(ok_upto: int) -> None:
+    L, order = 12, (7, 3, 9, 0, 11, 5, 2, 8, 1, 4)
+    s = _drive_static(L, order, max_skip=5, ok_upto=ok_upto, exhaustive=True, correct=lambda k: k % 2 == 0)
+    assert s.evals == 6 and set(s.results) == {s.plan_k(k) for k in range(6)}
+    assert s.best()[0] == s.plan_k(min(ok_upto, 5))  # the same target as bisection
+    assert s.result(0.0).prefix_correct == [True, False, True, False, True, False]
+
+
+def _mc_record(task: str, i: int, prefix_correct: list[bool], order: list[int], L: int = 6) -> dict:
+    return {"id": str(i), "task": task, "kind": "ll", "target": [1] * L, "target_executions": L,
+            "base_correct": prefix_correct[0], "target_correct": prefix_correct[0], "shorter": False,
+            "fixed": False, "prefix_correct": prefix_correct, "config": {"order": order}}
+
+
+def test_pool_targets_takes_the_deepest_prefix_within_the_margin_per_task() -> None:
+    order = [4, 1, 2, 0]
+    # task a, 10 examples: accuracy per prefix 60, 60, 50, 60, 30 %: k = 3 at margin 5 (prefix 2, 10 points
+    # below, is passed over); k = 4 at margin 30
+    cols = [[1] * 6 + [0] * 4, [1] * 6 + [0] * 4, [1] * 5 + [0] * 5, [0] * 4 + [1] * 6, [1] * 3 + [0] * 7]
+    a = [_mc_record("a", i, [bool(c[i]) for c in cols], order) for i in range(10)]
+    b = [_mc_record("b", i, [True, True, True, True, True], order) for i in range(3)]  # never hurt: k = 4
+    fid = {"id": "f", "task": "fidelity-x", "kind": "fidelity", "target": [1, 0, 1, 1, 1, 1],
+           "prefix_correct": [True, False]}
+    recs, report = pool_targets([*a, fid, *b], margin=5.0)
+    assert report["a"]["k"] == 3 and report["a"]["accuracy_per_prefix"] == [60.0, 60.0, 50.0, 60.0, 30.0]
+    assert report["b"]["k"] == 4 and "fidelity-x" not in report
+    assert all(r["target"] == [1, 0, 0, 1, 0, 1] and r["target_executions"] == 3 for r in recs[:10])
+    assert [r["target_correct"] for r in recs[:10]] == [bool(cols[3][i]) for i in range(10)]
+    assert recs[10] is fid  # fidelity records are left as they are
+    assert all(r["target"] == [0, 0, 0, 1, 0, 1] for r in recs[11:])
+    assert pool_targets(a, margin=30.0)[1]["a"]["k"] == 4
+    worse = [_mc_record("c", i, [i < 6, i < 5, i < 4], order) for i in range(10)]  # 60, 50, 40 %
+    assert pool_targets(worse, margin=5.0)[1]["c"]["k"] == 0
+    assert pool_targets(worse, margin=5.0)[0][0]["target"] == [1] * 6
+
+
+def test_pool_targets_rejects_mixed_prefix_lengths() -> None:
+    recs = [_mc_record("a", 0, [True, True], [1, 2]), _mc_record("a", 1, [True, True, False], [1, 2])]
+    with pytest.raises(ValueError, match="prefix lengths"):
+        pool_targets(recs, margin=1.0)

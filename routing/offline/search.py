@@ -43,6 +43,7 @@ class SearchConfig:
     seed: int = 0
     order: tuple[int, ...] = ()  # method "static": blocks in the order they may be skipped (least important first)
     max_skip: int = 8  # method "static": the longest prefix of `order` tried
+    exhaustive: bool = False  # method "static": score every prefix 0..max_skip (for `pool_targets`)
 
 
 def actions(plan: Plan) -> list[Action]:
@@ -88,6 +89,7 @@ class SearchResult:
     seconds: float = 0.0
     base_pred: int = -1
     target_pred: int = -1
+    prefix_correct: list[bool] | None = None  # exhaustive static chain: prefix k's correctness, k = 0..
 
     def record(self, L: int) -> dict[str, object]:
         d = asdict(self)
@@ -244,15 +246,82 @@ class StaticChain(_Search):
             p[i] = 0
         return tuple(p)
 
+    def deepest(self) -> int:
+        return min(self.cfg.max_skip, len(self.cfg.order), self.L - 1)
+
     def steps(self) -> Steps:
         if not self.cfg.order:
             raise ValueError("the static search needs an order (SearchConfig.order)")
         yield from self.ask([self.root_plan])
-        lo, hi = 0, min(self.cfg.max_skip, len(self.cfg.order), self.L - 1) + 1  # plan lo acceptable, hi not
+        if self.cfg.exhaustive:
+            yield from self.ask([self.plan_k(k) for k in range(1, self.deepest() + 1)])
+            return
+        lo, hi = 0, self.deepest() + 1  # plan lo acceptable, hi not
         while hi - lo > 1 and self.evals < self.cfg.simulations:
             mid = (lo + hi) // 2
             (o,) = yield from self.ask([self.plan_k(mid)])
             lo, hi = (mid, hi) if o.ok else (lo, mid)
+
+    def best(self) -> tuple[Plan, Outcome]:
+        """The deepest acceptable prefix below the first unacceptable one (bisection's answer; exhaustive:
+        the same rule over every prefix), else the full plan."""
+        if not self.cfg.exhaustive:
+            return super().best()
+        k = 0
+        while k < self.deepest() and self.results[self.plan_k(k + 1)].ok:
+            k += 1
+        return self.plan_k(k), self.results[self.plan_k(k)]
+
+    def result(self, seconds: float) -> SearchResult:
+        res = super().result(seconds)
+        if self.cfg.exhaustive:
+            res.prefix_correct = [self.results[self.plan_k(k)].correct for k in range(self.deepest() + 1)]
+        return res
+
+
+def pool_targets(records: Sequence[dict], margin: float) -> tuple[list[dict], dict[str, dict[str, object]]]:
+    """Pooled acceptance for multiple choice (beyond the paper): per task, every example's target becomes
+    the deepest prefix k of the static order whose accuracy over the task's examples stays within `margin`
+    (points) of full depth. Shallower prefixes need not qualify: their accuracies are as noisy as the
+    per-example outcomes (on 448 ARC-Easy train questions prefix 1 scored 2.7 points below full and
+    prefix 3 0.9 above), and only the chosen prefix becomes a target.
+
+    Why: a four-way argmax flips under almost any cut — on the default model removing block 18 alone
+    flips 19 of 400 ARC-Easy train answers to right and 19 to wrong (scripts/score_plans.py) — so whether one example "accepts" a cut is mostly noise, and
+    per-example targets teach routers noise. Accuracy over a task's examples is what a cut costs.
+    Applies to every task record (multiple choice and short answers) of exhaustive static-chain
+    searches (`prefix_correct`); other records (fidelity prompts, whose
+    per-example acceptance — keeping the full model's own answer — is not a coin flip) are returned as
+    they are. Returns (records, per task: examples, accuracy per prefix in %, the chosen k).
+    Raises ValueError when a task mixes prefix lengths or lacks the order."""
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("kind") != "fidelity" and r.get("prefix_correct"):
+            by_task.setdefault(r["task"], []).append(r)
+    out = {id(r): r for r in records}
+    report: dict[str, dict[str, object]] = {}
+    for task, rs in sorted(by_task.items()):
+        depth = {len(r["prefix_correct"]) for r in rs}
+        if len(depth) != 1:
+            raise ValueError(f"task {task}: records with different prefix lengths {sorted(depth)}")
+        n_k = depth.pop()
+        acc = [100 * sum(bool(r["prefix_correct"][k]) for r in rs) / len(rs) for k in range(n_k)]
+        k = max(j for j in range(n_k) if acc[j] >= acc[0] - margin)
+        for r in rs:
+            order = r.get("config", {}).get("order")
+            if not order or len(order) < k:
+                raise ValueError(f"task {task}: record {r['id']} has no static order of length {k}")
+            L = len(r["target"])
+            target = [1] * L
+            for i in order[:k]:
+                target[i] = 0
+            new = {**r, "target": target, "target_executions": sum(target), "target_correct":
+                   bool(r["prefix_correct"][k]), "shorter": sum(target) < L, "pooled": k}
+            new["fixed"] = new["target_correct"] and not r["base_correct"]
+            out[id(r)] = new
+        report[task] = {"examples": len(rs), "accuracy_per_prefix": [round(a, 2) for a in acc], "k": k,
+                        "margin": margin}
+    return [out[id(r)] for r in records], report
 
 
 METHODS: dict[str, type[_Search]] = {"mcts": MCTS, "chain": RandomChain, "static": StaticChain}
