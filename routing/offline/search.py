@@ -263,8 +263,8 @@ class StaticChain(_Search):
             lo, hi = (mid, hi) if o.ok else (lo, mid)
 
     def best(self) -> tuple[Plan, Outcome]:
-        """The deepest acceptable prefix below the first unacceptable one (bisection's answer; exhaustive:
-        the same rule over every prefix), else the full plan."""
+        """Exhaustive: the deepest prefix before the first unacceptable one (bisection's answer when
+        acceptability is monotone in k). Bisection: the acceptable plan with the fewest executions."""
         if not self.cfg.exhaustive:
             return super().best()
         k = 0
