@@ -148,8 +148,12 @@ class TokenNames:
 
     def token_bytes(self, token_id: int) -> bytes | None:
         """The raw bytes a token stands for, when the tokenizer's scheme tells them (byte-level BPE, or
-        SentencePiece byte fallback `<0xNN>`); None otherwise."""
-        piece = self._tok.convert_ids_to_tokens(token_id)  # type: ignore[attr-defined]
+        SentencePiece byte fallback `<0xNN>`); None otherwise, and for a tokenizer without transformers'
+        `convert_ids_to_tokens` (such a tokenizer's pieces carry no byte information)."""
+        convert = getattr(self._tok, "convert_ids_to_tokens", None)
+        if convert is None:
+            return None
+        piece = convert(token_id)
         if not isinstance(piece, str):
             return None
         if self._byte_level:

@@ -147,6 +147,19 @@ def test_fallback_detokenizer_equals_full_decode() -> None:
     assert "".join(det.step(i)[0] for i in ids) == "Hi, there!"
 
 
+def test_tokens_without_text_need_no_transformers_tokenizer() -> None:
+    """Regression: a sampled token whose text is empty (EOS under ignore_eos, an id past the toy vocabulary)
+    asked the tokenizer for `convert_ids_to_tokens`, which a plain tokenizer lacks: a random 500 in the API
+    tests, whenever sampling drew such a token."""
+    tok = toy_model().tokenizer
+    assert not hasattr(tok, "convert_ids_to_tokens")
+    names = TokenNames(tok)
+    det = IncrementalDetokenizer(tok, [1, 2], names=names)
+    ids = [CHARS.index("a"), 95, 120, CHARS.index("b")]  # 95: EOS; 120: no character
+    assert [det.step(i) for i in ids] == [("a", 0), ("", 1), ("", 1), ("b", 1)]
+    assert names.token_bytes(95) is None and names.name(CHARS.index("a")) == "a"
+
+
 # --- the default model's byte-level tokenizer ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tok(default_model: BaseModel) -> object:
