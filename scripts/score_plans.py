@@ -10,6 +10,9 @@ log-probability among the choices (less noisy than accuracy).
         --limit 400 --plans single-skips --out runs/plans/skips.jsonl
     .venv/bin/python scripts/score_plans.py ... --plans '[[18,19,20],[]]' --out runs/plans/combos.jsonl
     .venv/bin/python scripts/score_plans.py ... --out runs/plans/skips.jsonl --summary
+    # slices of the questions in parallel processes, merged into one paired table:
+    .venv/bin/python scripts/score_plans.py ... --start 400 --limit 747 --out runs/plans/a.jsonl
+    .venv/bin/python scripts/score_plans.py --out runs/plans/a.jsonl --out runs/plans/b.jsonl --summary
 
 --plans: single-skips, single-repeats, or a JSON list of [skipped blocks, repeated blocks] pairs (a bare
 list: skipped blocks only). The full plan is always scored first.
@@ -81,32 +84,50 @@ def summary(rows: list[dict], gold: list[int], norm: bool) -> str:
     return "\n".join(lines)
 
 
+def merge_shards(paths: list[Path]) -> tuple[list[dict], list[int]]:
+    """Records of several --out files (shards of one question set) -> one record per plan scored in every
+    file, its per-question scores concatenated in file order, and the concatenated gold indices."""
+    shards = []
+    for path in paths:
+        recs = {tuple(r["plan"]): r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))}
+        shards.append((recs, json.loads(path.with_suffix(".gold.json").read_text())))
+    common = [p for p in shards[0][0] if all(p in recs for recs, _ in shards)]
+    rows = [{"plan": list(p), **{key: [x for recs, _ in shards for x in recs[p][key]] for key in ("acc", "norm")}}
+            for p in common]
+    return rows, [g for _, gold in shards for g in gold]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", action="append", required=True, help="KIND:PATH, as for drllm eval")
+    ap.add_argument("--data", action="append", help="KIND:PATH, as for drllm eval (required unless --summary)")
     ap.add_argument("--split", choices=("train", "calib", "all"), default="train",
                     help="of a training file: the search/training (train) or the calibration share")
-    ap.add_argument("--limit", type=int, default=None, help="the first N questions of the split")
+    ap.add_argument("--start", type=int, default=0, help="skip the first N questions of the split")
+    ap.add_argument("--limit", type=int, default=None, help="then take at most N questions")
     ap.add_argument("--plans", default="single-skips")
-    ap.add_argument("--out", required=True, help="JSONL, one record per plan (appended; resumes)")
-    ap.add_argument("--summary", action="store_true", help="print the table of --out and exit")
+    ap.add_argument("--out", action="append", required=True,
+                    help="JSONL, one record per plan (appended; resumes); with --summary, repeat it to merge shards")
+    ap.add_argument("--summary", action="store_true",
+                    help="print the table of the --out files (their questions pooled, plans scored in all) and exit")
     ap.add_argument("--norm", action="store_true", help="the summary by acc_norm instead of acc")
     ap.add_argument("--model", default="default")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=48)
     args = ap.parse_args(argv)
-    out = Path(args.out)
     if args.summary:
-        rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
-        gold = json.loads(out.with_suffix(".gold.json").read_text())
+        rows, gold = merge_shards([Path(o) for o in args.out])
         print(summary(rows, gold, args.norm))
         return 0
+    if not args.data or len(args.out) != 1:
+        ap.error("scoring needs --data and one --out")
+    out = Path(args.out[0])
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu")
     examples = load_sources(parse_sources(args.data, None), None)
     if args.split != "all":
         examples = [e for e in examples if task_split(e.question) == args.split]
-    items = task_items(examples[:args.limit], model.tokenizer)
+    stop = None if args.limit is None else args.start + args.limit
+    items = task_items(examples[args.start:stop], model.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".gold.json").write_text(json.dumps([it.enc.gold for it in items]))
     done = {tuple(json.loads(x)["plan"]) for x in out.read_text().splitlines() if x.strip()} if out.exists() else set()
