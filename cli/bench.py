@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_args
+from .common import add_model_args, int_at_least, non_negative_int, positive_int
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -21,10 +21,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark the executor against transformers and routed plans")
     add_model_args(p)
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
+    p.add_argument("--new-tokens", type=int_at_least(2, " (a decode rate)"), default=32)
+    p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time, or process CPU time (use with --threads 1 on a busy machine)")
     p.add_argument("--llamacpp-tps", type=float, default=0.0,

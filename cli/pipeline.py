@@ -12,7 +12,7 @@ from routing.checkpoint import sha256_file
 from routing.offline.records import read_jsonl, read_records, record_key
 from routing.offline.tasks import example_seed, load_sources, parse_sources
 
-from .common import add_model_args
+from .common import add_model_args, budget, budget_or, non_negative_int, positive_int
 
 
 def _setup(args: argparse.Namespace):  # -> BaseModel
@@ -202,7 +202,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from routing.policy import RoutingPolicy
     from routing.routers import load_routers
 
-    budgets = [None if b in ("none", "auto") else float(b) for b in (args.budget or ["none"])]
+    budgets = args.budget or [None]  # parsed by budget_or: None (no budget) or a budget in (0, 2]
     model = _setup(args)
     routers = load_routers(args.routers, model)
     policy = getattr(routers, "policy", None) or RoutingPolicy()
@@ -210,7 +210,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         policy = RoutingPolicy(budget_rule=policy.budget_rule, budget_order=policy.budget_order)
     items = _items_for(args, model, args.split)
     ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens)
-    base_b = None if args.baselines_at is None else [None if b == "none" else float(b) for b in args.baselines_at]
+    base_b = args.baselines_at
     results = evaluate(ev, routers, policy, items, budgets, seed=args.seed, norm=args.norm,
                        baseline_budgets=base_b)
     for r in results:
@@ -287,10 +287,10 @@ def add_item_args(p: argparse.ArgumentParser) -> None:
                    help="chat prompts kept to the full model's own answer (repeatable): everyday, "
                    "arc:PATH, math:SPEC or file:PATH")
     p.add_argument("--answers", default=None, help="JSONL cache of the full-depth fidelity answers")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="length of the fidelity answers")
-    p.add_argument("--gen-batch", type=int, default=16, help="rows per batch when generating answers")
-    p.add_argument("--limit", type=int, default=None, help="examples per source")
-    p.add_argument("--fidelity-limit", type=int, default=None, help="fidelity prompts per source (default: --limit)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="length of the fidelity answers")
+    p.add_argument("--gen-batch", type=positive_int, default=16, help="rows per batch when generating answers")
+    p.add_argument("--limit", type=positive_int, default=None, help="examples per source")
+    p.add_argument("--fidelity-limit", type=positive_int, default=None, help="fidelity prompts per source (default: --limit)")
     p.add_argument("--scoring", choices=("ll", "letter"), default="ll",
                    help="multiple choice by log-likelihood of each choice (default) or by the label's logit")
     p.add_argument("--norm", action="store_true", help="multiple choice by acc_norm (per character) not acc")
@@ -305,7 +305,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("search-summary", help="compare search JSONL files on their common examples")
     p.add_argument("files", nargs="+")
-    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--layers", type=positive_int, default=30)
     p.set_defaults(func=_cmd_search_summary)
 
     p = sub.add_parser("search", help="MCTS over layer plans per training example -> JSONL targets")
@@ -314,28 +314,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="JSONL output (appended; finished examples are skipped)")
     p.add_argument("--shard", default="0/1", help="i/n: this process searches examples i, i+n, ...")
     p.add_argument("--done", action="append", help="another JSONL whose examples count as finished")
-    p.add_argument("--max-examples", type=int, default=None, help="stop after this many examples")
+    p.add_argument("--max-examples", type=positive_int, default=None, help="stop after this many examples")
     p.add_argument("--ids-from", default=None,
                    help="search only the examples of this search JSONL, in its order (to compare methods)")
     p.add_argument("--order", default=None,
                    help="--method static: blocks in skip order (comma list) or a router checkpoint (its budget_order)")
-    p.add_argument("--max-skip", type=int, default=8, help="--method static: longest prefix of --order tried")
+    p.add_argument("--max-skip", type=positive_int, default=8, help="--method static: longest prefix of --order tried")
     p.add_argument("--exhaustive", action="store_true",
                    help="--method static: score every prefix (no bisection), for `drllm train --pool-mc`")
     p.add_argument("--method", choices=("mcts", "chain", "static"), default="mcts",
                    help="mcts; chain: the reference's chain of random edits; static: bisection along --order")
-    p.add_argument("--simulations", type=int, default=32, help="plan evaluations per example")
+    p.add_argument("--simulations", type=positive_int, default=32, help="plan evaluations per example")
     p.add_argument("--c-explore", type=float, default=1.8)
     p.add_argument("--length-penalty", type=float, default=0.5)
     p.add_argument("--soft-weight", type=float, default=0.25)
     p.add_argument("--widen", type=float, default=0.5)
-    p.add_argument("--rollout", type=int, default=6, help="random edits after a new node before scoring")
-    p.add_argument("--batch", type=int, default=8, help="plans one example's search asks for at a time")
-    p.add_argument("--stop-saved", type=int, default=0, help="early stop at this many saved executions (0: off)")
+    p.add_argument("--rollout", type=non_negative_int, default=6, help="random edits after a new node before scoring")
+    p.add_argument("--batch", type=positive_int, default=8, help="plans one example's search asks for at a time")
+    p.add_argument("--stop-saved", type=non_negative_int, default=0, help="early stop at this many saved executions (0: off)")
     p.add_argument("--stop-on-fix", action="store_true", help="early stop when a wrong example is fixed")
-    p.add_argument("--rows", type=int, default=32,
+    p.add_argument("--rows", type=positive_int, default=32,
                    help="executor rows per forward (prompts + continuations; a GPU takes hundreds)")
-    p.add_argument("--group", type=int, default=16,
+    p.add_argument("--group", type=positive_int, default=16,
                    help="examples searched in lockstep (their plans share batches); the resume granularity")
     p.add_argument("--split", choices=("train", "calib", "heldout"), default="train",
                    help="which split of the fidelity prompts to search")
@@ -343,7 +343,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fidelity: most drop of the full answer's mean log-probability per token (nats)")
     p.add_argument("--fidelity-agree", type=float, default=0.9,
                    help="fidelity: least share of the full answer's tokens that stay the argmax")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=non_negative_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_search)
 
@@ -357,18 +357,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="pooled multiple-choice targets: per task, the deepest prefix of the static order "
                    "whose accuracy on the task's examples stays within POINTS of full (needs records of "
                    "`drllm search --method static --exhaustive`)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.05)
     p.add_argument("--gamma", type=float, default=2.0)
     p.add_argument("--beta", type=float, default=0.999)
     p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--window", type=int, default=8)
-    p.add_argument("--bottleneck", type=int, default=128)
+    p.add_argument("--window", type=positive_int, default=8)
+    p.add_argument("--bottleneck", type=positive_int, default=128)
     p.add_argument("--default", action="store_true", help="mark as the default checkpoint for this base model")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=non_negative_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_train)
 
@@ -377,17 +377,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_item_args(p)
     p.add_argument("--routers", required=True, help="router checkpoint dir or 'default'")
-    p.add_argument("--budget", action="append", default=None,
-                   help="max executions as a fraction of L, or 'none' (repeatable; default: none)")
+    p.add_argument("--budget", action="append", default=None, type=budget_or("none", "auto"),
+                   help="max executions as a fraction of L in (0, 2], or 'none' (repeatable; default: none)")
     p.add_argument("--argmax", action="store_true", help="ignore the checkpoint's guard (plain argmax routing)")
-    p.add_argument("--baselines-at", action="append", default=None,
+    p.add_argument("--baselines-at", action="append", default=None, type=budget_or("none", "auto"),
                    help="budgets at which the static and random baselines run (repeatable; default: all)")
     p.add_argument("--split", choices=("train", "calib", "heldout"), default="heldout",
                    help="which split of the fidelity prompts to evaluate")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--rows", type=int, default=32, help="executor rows per scoring forward")
-    p.add_argument("--batch", type=int, default=16, help="prompts per routing prefill / generation batch")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=positive_int, default=32, help="executor rows per scoring forward")
+    p.add_argument("--batch", type=positive_int, default=16, help="prompts per routing prefill / generation batch")
+    p.add_argument("--threads", type=non_negative_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_eval)
 
@@ -400,7 +400,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, action="append", default=None,
                    help="candidate skip thresholds (repeatable; default 0.5 0.6 0.7 0.8 0.9 0.95)")
     p.add_argument("--repeat-threshold", type=float, default=0.9)
-    p.add_argument("--at-budget", type=float, default=0.8, help="budget at which the budget rules are compared")
+    p.add_argument("--at-budget", type=budget, default=0.8, help="budget at which the budget rules are compared")
     p.add_argument("--max-acc-drop", type=float, default=0.5, help="points of multiple-choice accuracy")
     p.add_argument("--max-garbled", type=float, default=5.0, help="percent of fidelity answers")
     p.add_argument("--max-fid-drop", type=float, default=0.3, help="nats/token of mean fidelity")
@@ -410,8 +410,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--order-from", action="append", default=None,
                    help="take the static order from these search JSONL files (how often each block was "
                    "skippable) instead of measuring single-block removal")
-    p.add_argument("--rows", type=int, default=32)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=positive_int, default=32)
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--threads", type=non_negative_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_calibrate)

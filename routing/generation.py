@@ -74,14 +74,25 @@ def length_groups(lengths: list[int], call_tokens: int) -> list[list[int]]:
 
 
 class ContextLengthError(ValueError):
-    """The prompt plus max_tokens does not fit the model's context."""
+    """The prompt plus max_tokens does not fit the model's context. `param` names what to shorten: "prompt"
+    when the prompt alone leaves no room for a token, else "max_tokens"."""
+
+    def __init__(self, message: str, param: str = "max_tokens") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def check_context(n_prompt: int, max_tokens: int, max_context: int) -> None:
     """The one context-length rule: prompt + max_tokens <= the model's context. Raises ContextLengthError."""
-    if n_prompt + max_tokens > max_context:
-        raise ContextLengthError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                                 f"context of {max_context} tokens")
+    if n_prompt + max_tokens <= max_context:
+        return
+    if n_prompt + min(max_tokens, 1) > max_context:
+        raise ContextLengthError(f"the prompt ({n_prompt} tokens) is longer than the model's context of "
+                                 f"{max_context} tokens" if n_prompt > max_context else
+                                 f"the prompt ({n_prompt} tokens) fills the model's context of {max_context} "
+                                 "tokens and leaves no room for max_tokens", "prompt")
+    raise ContextLengthError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                             f"context of {max_context} tokens", "max_tokens")
 
 
 @dataclass

@@ -207,30 +207,57 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def is_local_spec(source: str) -> bool:
+    """Whether a model spec names a local path: absolute, starting with ./ ../ or ~, or ending in .gguf
+    (anything else that is not an existing path, e.g. "owner/name", is a hub id; "default" is the default)."""
+    s = str(source).strip()
+    return (s in (".", "..") or s.startswith(("./", "../", "~", ".\\", "..\\")) or Path(s).is_absolute()
+            or s.lower().endswith(".gguf"))
+
+
+def local_source(source: str) -> Path | None:
+    """The local path a model spec names (a directory or a .gguf file), or None for `default` and hub ids.
+    Checks only the file system (no conversion, no network).
+
+    Raises FileNotFoundError for a local spec that does not exist (or a directory without config.json) and
+    ValueError for an existing path that is neither a directory nor a .gguf file."""
+    if source in ("default", "", None):
+        return None
+    p = Path(source).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p} is not a Hugging Face model directory (no config.json)")
+        return p
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ValueError(f"model source {source!r} is neither a directory nor a .gguf file")
+        return p
+    if p.exists():
+        raise ValueError(f"model source {source!r} is neither a directory nor a .gguf file")
+    if is_local_spec(source):
+        raise FileNotFoundError(f"no such directory or .gguf file: {source}")
+    return None  # a hub id
+
+
 def resolve_source(source: str) -> tuple[str, str]:
-    """Return (path or hub id, display name) for a model source; converts GGUF files on first use."""
+    """Return (path or hub id, display name) for a model source; converts GGUF files on first use.
+    Raises FileNotFoundError or ValueError as `local_source` does."""
     cache = base_cache_dir()
     if source in ("default", "", None):
         out = cache / DEFAULT_MODEL_NAME
         if not (out / _CONVERTED_MARKER).exists():
             convert_gguf(fetch_default_gguf(cache), out)
         return str(out), DEFAULT_MODEL_NAME
-    p = Path(source).expanduser()
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {p}")
-        digest = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:10]
-        out = cache / f"{p.stem}-{digest}"
-        if not (out / _CONVERTED_MARKER).exists():
-            convert_gguf(p, out)
-        return str(out), p.stem
+    p = local_source(source)
+    if p is None:
+        return source, source.rsplit("/", 1)[-1]  # a hub id: needs network and the hub's cache
     if p.is_dir():
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p} is not a Hugging Face model directory (no config.json)")
         return str(p), p.resolve().name
-    if p.exists():
-        raise ValueError(f"model source {source!r} is neither a directory nor a .gguf file")
-    return source, source.rsplit("/", 1)[-1]  # a hub id: needs network and the hub's cache
+    digest = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:10]
+    out = cache / f"{p.stem}-{digest}"
+    if not (out / _CONVERTED_MARKER).exists():
+        convert_gguf(p, out)
+    return str(out), p.stem
 
 
 def load_model(
@@ -246,7 +273,8 @@ def load_model(
     the LM head int8), CPU only: see routing.quant. The fingerprint is taken before quantizing, so router
     checkpoints match the same base weights at any dtype or quantization.
 
-    Raises ValueError for an unsupported architecture, dtype or quantization (quantized off the CPU)."""
+    Raises ValueError for an unsupported architecture, dtype or quantization (quantized off the CPU), and
+    FileNotFoundError for a local path that does not exist or a hub id that cannot be loaded."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .quant import QUANTIZATIONS, quantize_model_
@@ -261,7 +289,14 @@ def load_model(
         raise ValueError(f"--quantization {quantization} is implemented for CPU (fbgemm's int8 and torch's "
                          "int4 CPU kernels); on a GPU use --dtype bfloat16")
     path, name = resolve_source(source)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:  # a hub id that is not on the hub, or not in the cache without network
+        if Path(path).is_dir():
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"cannot load model {source!r} as a hub id (it is no local directory or "
+                                f".gguf file): {reason}") from e
     spec = spec_from_config(config)
     hf = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code

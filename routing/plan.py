@@ -78,6 +78,19 @@ def budget_ok(budget: float) -> bool:
     return 0 < budget <= MAX_BUDGET
 
 
+def budget_conflict(budget: float, n_layers: int, plan_executions: int | None, has_routers: bool) -> str | None:
+    """Why a request's budget cannot be honoured, or None (the rule the server and `drllm generate` apply): a
+    fixed plan must fit `execution_cap(budget, L)`; without one, a budget under 1 needs routers to choose
+    the blocks to skip. Raises ValueError for a budget outside (0, 2]."""
+    if plan_executions is not None:
+        limit = execution_cap(budget, n_layers)
+        return (f"plan runs {plan_executions} blocks but budget {budget:g} allows at most {limit}"
+                if plan_executions > limit else None)
+    if budget < 1 and not has_routers:
+        return f"budget {budget:g} < 1 needs routers to choose the blocks to skip, and none are loaded"
+    return None
+
+
 def execution_cap(budget: float, n_layers: int) -> int:
     """The most block executions a `budget` allows: max(1, floor(budget * L)), budget in (0, 2].
 

@@ -95,6 +95,16 @@ def new_seed() -> int:
     return secrets.randbits(64)
 
 
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request with `n` > 1 choices and seed `seed`: `seed` itself for the
+    first choice (so n=1 and the first of n choices agree), a splitmix64 hash of (seed, index) for the
+    others, in [0, 2**63) so that a client can send it as a seed and get that choice alone. Not
+    `seed + index`: that would make choice 1 of seed 7 repeat choice 0 of seed 8."""
+    if index == 0:
+        return seed
+    return _mix64((_mix64(seed & _MASK64) ^ (index * 0xD1B54A32D192ED03)) & _MASK64) >> 1
+
+
 def _mix64(z: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64

@@ -16,11 +16,11 @@ from pydantic import BaseModel
 from .chat import OpenAIServingChat
 from .chat_protocol import ChatCompletionRequest, ChatCompletionResponse
 from .engine import Engine
-from .errors import EngineNotReady, Unauthorized
+from .errors import EngineNotReady, ModelNotFound, Unauthorized
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .openapi import GENERATION_ERRORS, errors, sse
 from .profiles import Profiles
-from .protocol import CompletionRequest, CompletionResponse, ErrorResponse, Health, ModelList
+from .protocol import CompletionRequest, CompletionResponse, ErrorResponse, Health, ModelCard, ModelList
 from .serving import OpenAIServingCompletion, create_error_response, list_models
 from .settings import ServerSettings
 
@@ -60,11 +60,11 @@ MetricsDep = Annotated[Metrics, Depends(_metrics)]
 SettingsDep = Annotated[ServerSettings, Depends(_settings)]
 
 
-_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`, when the server has an API key")
+bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`, when the server has an API key")
 
 
 def require_api_key(settings: SettingsDep,
-                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     if settings.api_key is None:
         return
     given = credentials.credentials.strip() if credentials is not None else ""
@@ -109,6 +109,22 @@ async def show_models(engine: EngineDep, request: Request, profiles: ProfilesDep
         models.data += profiles.cards(models.data[0])
         return JSONResponse(models.model_dump())
     except EngineNotReady as e:
+        return error_json(create_error_response(e))
+
+
+@router.get("/v1/models/{model:path}", dependencies=Authorized, response_model=ModelCard,
+            responses=errors(401, 404, 503))
+async def show_model(model: str, engine: EngineDep, request: Request, profiles: ProfilesDep) -> Response:
+    """One entry of /v1/models (OpenAI's "retrieve model"); a profile is `<model>:<profile>`."""
+    try:
+        models = list_models(engine, request.app.state.created)
+        cards = models.data + profiles.cards(models.data[0])
+        for card in cards:
+            if card.id == model:
+                return JSONResponse(card.model_dump())
+        names = ", ".join(repr(c.id) for c in cards)
+        raise ModelNotFound(f"the model {model!r} does not exist; this server serves {names}")
+    except (EngineNotReady, ModelNotFound) as e:
         return error_json(create_error_response(e))
 
 

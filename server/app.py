@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import api
 from .chat import OpenAIServingChat
 from .engine import Engine
-from .errors import EngineNotReady, ModelNotFound, QueueFull, RequestError, Unauthorized
+from .errors import EngineNotReady, ModelNotFound, PayloadTooLarge, QueueFull, RequestError, Unauthorized
 from .metrics import Metrics
 from .openapi import finalize
 from .profiles import Profiles
@@ -59,13 +59,22 @@ def build_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI
     for expected in (RequestError, Unauthorized, ModelNotFound, QueueFull, EngineNotReady):
         app.add_exception_handler(expected, _any_error)  # handled here, not re-raised and logged as a crash
     app.add_exception_handler(Exception, _any_error)
+    # the last added runs first: JsonBodies, then CountCompletions (so it counts the 413s), then BodyLimit
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(CountCompletions, metrics=metrics)
     app.add_middleware(JsonBodies)
     return app
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422 becomes OpenAI's 400, naming the first offending field."""
+    """FastAPI's 422 becomes OpenAI's 400, naming the first offending field. The API key is checked first:
+    a request without it gets 401 whatever its body (FastAPI validates the body before the dependencies)."""
+    settings: ServerSettings = request.app.state.settings
+    if settings.api_key is not None and request.url.path.startswith("/v1/"):
+        try:
+            api.require_api_key(settings, await api.bearer(request))
+        except Unauthorized as e:
+            return api.error_json(create_error_response(e))
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
@@ -112,6 +121,53 @@ class JsonBodies:
                 scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
                 scope.setdefault("state", {})[self.SENT_AS] = sent or "none"
         await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """A request body over `max_bytes` gets a 413 (OpenAI error envelope) before the app reads or parses it:
+    at once when Content-Length says so, else as soon as the chunks received pass the limit. Bodies within
+    the limit are passed on as received."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send, int(declared))
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:  # buffer the body (FastAPI reads it whole anyway), counting as it comes
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, size)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
+        err = create_error_response(PayloadTooLarge(
+            f"the request body ({size} bytes or more) exceeds the server's limit of {self.max_bytes} bytes "
+            "(--max-request-bytes)"))
+        await api.error_json(err)(scope, receive, send)
 
 
 class CountCompletions:

@@ -8,6 +8,7 @@ its result is reshaped here into the chat response or chunk stream (OpenAI's sha
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -36,13 +37,15 @@ class OpenAIServingChat:
 
     async def create_chat_completion(self, request: ChatCompletionRequest
                                      ) -> ChatCompletionResponse | ErrorResponse | AsyncIterator[str]:
-        try:
-            prompt_ids = self.engine.render_chat(request.template_messages())
+        try:  # rendering tokenizes: off the event loop, as the Completions path does
+            prompt_ids = await asyncio.to_thread(self.engine.render_chat, request.template_messages())
             completion = request.to_completion(prompt_ids, self.engine.max_context)
         except Exception as e:  # noqa: BLE001 - mapped to a status
             return create_error_response(e)
         result = await self.completions.complete(completion)
         if isinstance(result, ErrorResponse):
+            if result.error.param == "prompt":  # the chat's prompt is its messages
+                result.error.param = "messages"
             return result
         if isinstance(result, CompletionResponse):
             return _response(result, request)

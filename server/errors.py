@@ -19,6 +19,10 @@ class ModelNotFound(Exception):
     """The request names a model this server does not serve (404)."""
 
 
+class PayloadTooLarge(Exception):
+    """The request body is larger than the server's `max_request_bytes` (413)."""
+
+
 class QueueFull(Exception):
     """Too many sequences are waiting for a batch row (429)."""
 

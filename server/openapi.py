@@ -19,6 +19,7 @@ _ERRORS = {
     400: "Invalid request: OpenAI's error envelope, `param` names the offending field",
     401: "Missing or wrong API key (only when the server has one)",
     404: "Unknown model (neither the served model nor one of its routing profiles)",
+    413: "The request body is larger than the server's `max_request_bytes`",
     429: "The queue is full; retry after `Retry-After` seconds",
     500: "The server failed while running the request (no internals are shown)",
     503: "The model is loading (or failed to load); retry after `Retry-After` seconds",
@@ -28,7 +29,7 @@ _HEADERS = {
     429: {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}},
     503: {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}},
 }
-GENERATION_ERRORS = (400, 401, 404, 429, 500, 503)
+GENERATION_ERRORS = (400, 401, 404, 413, 429, 500, 503)
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from routing.plan import MAX_BUDGET, LayerPlan
-from routing.sampling import SamplingParams
+from routing.sampling import SamplingParams, choice_seed
 
 from .errors import RequestError
 
@@ -211,8 +211,9 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("suffix is not supported")
         return v
 
-    def to_sampling_params(self, defaults: dict[str, Any] | None = None, seed_offset: int = 0) -> SamplingParams:
-        """The user's value first, then the server's default, then OpenAI's default."""
+    def to_sampling_params(self, defaults: dict[str, Any] | None = None, choice: int = 0) -> SamplingParams:
+        """The user's value first, then the server's default, then OpenAI's default. `choice`: the index of
+        the choice among `n` (its seed is `routing.sampling.choice_seed` of the request's)."""
         defaults = defaults or {}
 
         def pick(name: str, openai_default: Any) -> Any:
@@ -229,7 +230,7 @@ class CompletionRequest(SamplingRequest):
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
-                top_k=pick("top_k", 0), min_p=pick("min_p", 0.0), seed=None if self.seed is None else self.seed + seed_offset,
+                top_k=pick("top_k", 0), min_p=pick("min_p", 0.0), seed=None if self.seed is None else choice_seed(self.seed, choice),
                 stop=tuple(stop), min_tokens=self.min_tokens, repetition_penalty=pick("repetition_penalty", 1.0),
                 logprobs=self.logprobs, ignore_eos=self.ignore_eos,
             )

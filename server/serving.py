@@ -7,6 +7,7 @@ against a fake engine.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -23,10 +24,18 @@ from routing.generation import (
     SequenceOutput,
     TokenLogprob,
 )
-from routing.plan import LayerPlan, execution_cap, plan_summary
+from routing.plan import LayerPlan, budget_conflict, plan_summary
 
 from .engine import EngineClient, RequestHandle
-from .errors import EngineFailure, EngineNotReady, ModelNotFound, QueueFull, RequestError, Unauthorized
+from .errors import (
+    EngineFailure,
+    EngineNotReady,
+    ModelNotFound,
+    PayloadTooLarge,
+    QueueFull,
+    RequestError,
+    Unauthorized,
+)
 from .protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -65,8 +74,10 @@ def create_error_response(exc: BaseException) -> ErrorResponse:
                        headers={"Retry-After": str(exc.retry_after_s)})
         case EngineNotReady():
             return err(503, str(exc), "service_unavailable", code="model_not_ready", headers={"Retry-After": "5"})
-        case ContextLengthError():
-            return err(400, str(exc), "invalid_request_error", "max_tokens")
+        case ContextLengthError():  # OpenAI's code for it
+            return err(400, str(exc), "invalid_request_error", exc.param, "context_length_exceeded")
+        case PayloadTooLarge():
+            return err(413, str(exc), "invalid_request_error", code="request_too_large")
         case ValueError():  # a bad request that reached the model side (routing raises plain ValueError)
             return err(400, str(exc), "invalid_request_error")
         case EngineFailure():
@@ -106,6 +117,15 @@ class _Choice:
         self.finish_reason = out.finish_reason
 
 
+def _prompt_items(p: str | list) -> list[str | list[int]]:
+    """The prompts of a Completions `prompt`: a string, a list of token ids, or a list of either."""
+    if isinstance(p, str):
+        return [p]
+    if all(isinstance(x, int) for x in p):
+        return [p]
+    return list(p)
+
+
 class OpenAIServingCompletion:
     def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
@@ -119,7 +139,9 @@ class OpenAIServingCompletion:
         """Run one Completions request: the response, or (stream=true) its chunks as objects, ending with an
         ErrorResponse if the stream fails. The one generation path: Chat Completions reshapes what this returns."""
         try:
-            prompts, reqs = self._prepare(request)
+            # tokenizing a long prompt takes a while: off the event loop, so that other requests go on (the
+            # fast tokenizers release the GIL while they encode)
+            prompts, reqs = await asyncio.to_thread(self._prepare, request)
             handle = self.engine.submit(reqs)
         except Exception as e:  # noqa: BLE001 - mapped to a status
             return create_error_response(e)
@@ -146,20 +168,24 @@ class OpenAIServingCompletion:
         L = engine.n_layers
         plan = None
         if request.plan is not None:
+            if request.routing == "full":  # two explicit instructions that contradict each other
+                raise RequestError("a plan runs its own per-layer counts, and routing='full' runs every block "
+                                   "once: send one of them", "routing")
             plan = LayerPlan(tuple(request.plan))
             try:
                 plan.check_length(L)
             except ValueError as e:
                 raise RequestError(str(e), "plan") from e
         self._check_budget(request, plan, L)
-        prompts = self._prompts(request)
-        if len(prompts) * request.n > engine.max_queue:
-            raise RequestError(f"{len(prompts)} prompts x n={request.n} exceeds the server's queue of "
+        n_prompts = len(_prompt_items(request.prompt))
+        if n_prompts * request.n > engine.max_queue:  # before tokenizing them
+            raise RequestError(f"{n_prompts} prompts x n={request.n} exceeds the server's queue of "
                                f"{engine.max_queue} sequences", "n")
+        prompts = self._prompts(request)
         reqs = []
         for p in prompts:
             for i in range(request.n):
-                params = request.to_sampling_params(seed_offset=i)
+                params = request.to_sampling_params(choice=i)
                 reqs.append(GenerationRequest(
                     p.ids, params, plan=plan, routing=request.routing, budget=request.budget,
                     prompt_logprobs=request.echo and request.logprobs is not None))
@@ -169,27 +195,14 @@ class OpenAIServingCompletion:
         b = request.budget
         if b is None or request.routing == "full":
             return
-        limit = execution_cap(b, L)
-        if plan is not None:
-            if plan.executions > limit:
-                raise RequestError(f"plan runs {plan.executions} blocks but budget {b} allows at most {limit}",
-                                   "budget")
-        elif not self.engine.has_routers and b < 1:
-            raise RequestError(f"budget {b} < 1 needs routers, and this server runs without them; "
-                               "send routing='full' or a budget >= 1", "budget")
+        why = budget_conflict(b, L, plan.executions if plan is not None else None, self.engine.has_routers)
+        if why is not None:
+            raise RequestError(why if plan is not None else f"{why}; send routing='full' or a budget >= 1", "budget")
 
     def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
-        p = request.prompt
-        items: list[str | list[int]]
-        if isinstance(p, str):
-            items = [p]
-        elif all(isinstance(x, int) for x in p):
-            items = [p]  # type: ignore[list-item]
-        else:
-            items = list(p)  # type: ignore[arg-type]
         vocab = self.engine.vocab_size
         out = []
-        for item in items:
+        for item in _prompt_items(request.prompt):
             if isinstance(item, str):
                 ids, text = self.engine.tokenize(item), item
             else:

@@ -28,6 +28,8 @@ class ServerSettings(BaseSettings):
     # wait) or "fifo" (arrival order, routing-blind); see routing.generation.BatchGenerator._plan_order
     scheduler: Literal["fifo", "plan"] = "plan"
     max_queue_wait_s: float = Field(2.0, ge=0)  # plan scheduler: waiting this long goes first (arrival order)
+    # a larger request body gets a 413 before it is parsed (TGI's --payload-limit; its default is 2 MB)
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     served_model_name: str | None = None  # the name clients send as `model` (default: the model's name)
     device: str | None = None  # cpu, cuda, cuda:1 (default: cuda if available)
     dtype: str = "auto"

@@ -33,7 +33,7 @@ def api() -> Iterator[TestClient]:
 
 def test_seed_minus_one_means_no_seed(api: TestClient) -> None:
     assert CompletionRequest(prompt="x", seed=-1).seed is None
-    assert CompletionRequest(prompt="x", seed=-1, n=3).to_sampling_params(seed_offset=2).seed is None
+    assert CompletionRequest(prompt="x", seed=-1, n=3).to_sampling_params(choice=2).seed is None
     r = api.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3, "temperature": 1, "seed": -1, "n": 2})
     assert r.status_code == 200, r.text
     r = api.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3, "seed": -2})

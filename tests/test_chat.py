@@ -20,6 +20,7 @@ from toytok import toy_model
 
 from routing.model import BaseModel
 from routing.routers import save_routers
+from routing.sampling import choice_seed
 from server.app import build_app
 from server.engine import Engine
 from server.settings import ServerSettings
@@ -143,7 +144,7 @@ def test_n_choices_with_seed(client: OpenAI, default_model: BaseModel) -> None:
     both = client.chat.completions.create(n=2, seed=11, **kw)  # type: ignore[call-overload]
     assert [c.index for c in both.choices] == [0, 1]
     first = client.chat.completions.create(seed=11, **kw)  # type: ignore[call-overload]
-    second = client.chat.completions.create(seed=12, **kw)  # type: ignore[call-overload]
+    second = client.chat.completions.create(seed=choice_seed(11, 1), **kw)  # type: ignore[call-overload]
     assert [c.message.content for c in both.choices] == [first.choices[0].message.content,
                                                          second.choices[0].message.content]
     streamed = list(client.chat.completions.create(n=2, seed=11, stream=True, **kw))  # type: ignore[call-overload]

@@ -14,24 +14,13 @@ import httpx
 import pytest
 import torch
 from live import LiveServer, run_server
-from toytok import CHARS, ToyTokenizer, toy_model
+from toytok import CHARS, ChatToyTokenizer, toy_model
 
 from server.app import build_app
 from server.engine import Engine
 from server.settings import ServerSettings
 
 KEY = "k"
-
-
-class ChatToyTokenizer(ToyTokenizer):
-    """The toy character tokenizer with a chat template (`role: content` lines, then `assistant: `)."""
-
-    chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant: "
-
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                            tokenize: bool = True, return_dict: bool = True) -> dict[str, list[int]]:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return self(text)
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +41,14 @@ def test_the_document_states_what_the_server_does(server: LiveServer) -> None:
     err = {"$ref": "#/components/schemas/ErrorResponse"}
     for path in ("/v1/completions", "/v1/chat/completions"):
         op = ops[(path, "post")]
-        assert set(op["responses"]) == {"200", "400", "401", "404", "429", "500", "503"}
+        assert set(op["responses"]) == {"200", "400", "401", "404", "413", "429", "500", "503"}
         assert all(op["responses"][s]["content"]["application/json"]["schema"] == err for s in ("400", "429"))
         assert "Retry-After" in op["responses"]["429"]["headers"]
         assert set(op["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
         assert op["security"] == [{"HTTPBearer": []}]
     assert set(ops[("/metrics", "get")]["responses"]["200"]["content"]) == {"text/plain"}
     assert set(ops[("/health", "get")]["responses"]) == {"200", "503"}
+    assert set(ops[("/v1/models/{model}", "get")]["responses"]) == {"200", "401", "404", "503"}
     schemas = doc["components"]["schemas"]
     prompt = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]
     assert {"type": "string", "minLength": 1} in prompt

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from cli.main import build_parser
 from cli.serve import settings_from_args
 from routing.planner import FixedPlanner
+from routing.sampling import choice_seed
 from server.engine import make_planner
 from server.errors import EngineFailure, EngineNotReady, ModelNotFound, QueueFull, RequestError, Unauthorized
 from server.protocol import CompletionRequest
@@ -42,10 +43,20 @@ def test_settings_defaults_and_validation(monkeypatch) -> None:
         ServerSettings(log_level="loud")
 
 
-def test_to_sampling_params_precedence_and_seed_offset() -> None:
+def test_to_sampling_params_precedence_and_choice_seed() -> None:
     req = CompletionRequest(prompt="x", seed=5, top_k=3, stop="\n")
-    p = req.to_sampling_params({"temperature": 0.0}, seed_offset=2)
-    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (16, 0.0, 1.0, 3, 7, ("\n",))
+    p = req.to_sampling_params({"temperature": 0.0}, choice=2)
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (16, 0.0, 1.0, 3, choice_seed(5, 2),
+                                                                                ("\n",))
+    assert req.to_sampling_params().seed == 5  # the first choice keeps the request's seed
+
+
+def test_choice_seeds_do_not_repeat_other_requests_seeds() -> None:
+    # regression: choice i was seeded seed + i, so choice 1 of seed=7 repeated choice 0 of seed=8 verbatim
+    seeds = {(s, i): choice_seed(s, i) for s in range(200) for i in range(8)}
+    assert len(set(seeds.values())) == len(seeds)
+    # nowhere near the seeds people send, and each a valid request seed (the API takes 0..2**63 - 1)
+    assert all(2**32 <= v < 2**63 for (s, i), v in seeds.items() if i > 0)
     assert CompletionRequest(prompt="x", temperature=0.7).to_sampling_params({"temperature": 0.0}).temperature == 0.7
     with pytest.raises(RequestError) as e:
         CompletionRequest(prompt="x", max_tokens=2, min_tokens=3).to_sampling_params()

@@ -29,3 +29,14 @@ def toy_model(seed: int = 0):  # -> BaseModel
     m.tokenizer = ToyTokenizer()
     m.eos_token_ids = (EOS,)
     return m
+
+
+class ChatToyTokenizer(ToyTokenizer):
+    """The toy character tokenizer with a chat template (`role: content` lines, then `assistant: `)."""
+
+    chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant: "
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            tokenize: bool = True, return_dict: bool = True) -> dict[str, list[int]]:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return self(text)
