@@ -19,7 +19,14 @@ from typing import Any, Protocol
 
 import torch
 
-from routing.generation import CHUNK_TOKENS, BatchGenerator, GenerationRequest, Sequence, SequenceOutput
+from routing.generation import (
+    CHUNK_TOKENS,
+    BatchGenerator,
+    ContextLengthError,
+    GenerationRequest,
+    Sequence,
+    SequenceOutput,
+)
 from routing.model import BaseModel, load_model
 from routing.planner import FixedPlanner, Planner
 from routing.routers import RouterCheckpointError, RouterPlanner, load_routers
@@ -106,6 +113,20 @@ class EngineClient(Protocol):
     def abort(self, handle: RequestHandle) -> None: ...
 
 
+PROMPT_CHARS_SLACK = 4  # room for normalizers that fold several characters into one (NFKC compositions)
+
+
+def prompt_char_bound(tokenizer: object, n_ids: int, max_context: int) -> int | None:
+    """The most characters a prompt may have: PROMPT_CHARS_SLACK x `max_context` x the most characters one
+    token decodes to. A text that fits the context is far shorter, so a longer one is refused before the
+    tokenizer spends seconds on it. None (no bound) when the tokenizer cannot decode single ids."""
+    try:
+        longest = max(len(tokenizer.decode([i])) for i in range(n_ids))  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - any tokenizer that cannot: no bound rather than a wrong one
+        return None
+    return PROMPT_CHARS_SLACK * max_context * max(1, longest)
+
+
 @dataclass
 class _Track:
     handle: RequestHandle
@@ -127,6 +148,7 @@ class Engine:
         self.error: BaseException | None = None
         self.has_routers = False
         self.torch_threads: int | None = None  # set when loaded
+        self.max_prompt_chars: int | None = None  # set when loaded (None: no bound; see prompt_char_bound)
         self._gen: BatchGenerator | None = None
         self._lock = threading.Lock()  # guards _tracks and submission
         self._tracks: dict[int, _Track] = {}
@@ -179,7 +201,18 @@ class Engine:
 
     # --- tokenization (any thread: the tokenizers are thread-safe for encode/decode) ---------------
     def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`. Raises ContextLengthError, before tokenizing, for a text longer than
+        `max_prompt_chars` (the tokenizer's time grows with the text, and none so long fits the context)."""
+        self.check_prompt_chars(len(text))
         return list(self.loaded.tokenizer(text)["input_ids"])  # type: ignore[operator]
+
+    def check_prompt_chars(self, n_chars: int, param: str = "prompt") -> None:
+        """Raises ContextLengthError when a prompt of `n_chars` characters exceeds `max_prompt_chars`."""
+        if self.max_prompt_chars is not None and n_chars > self.max_prompt_chars:
+            raise ContextLengthError(
+                f"the prompt ({n_chars} characters) is longer than this server takes: at most "
+                f"{self.max_prompt_chars} characters ({PROMPT_CHARS_SLACK} x the model's context of "
+                f"{self.max_context} tokens x the longest token's characters)", param)
 
     def detokenize(self, ids: list[int]) -> str:
         return self.loaded.tokenizer.decode(ids)  # type: ignore[attr-defined]
@@ -189,6 +222,7 @@ class Engine:
         the assistant's turn opened (transformers' `apply_chat_template`, add_generation_prompt=True). Raises
         RequestError when the model has no chat template or its template refuses the messages (400)."""
         tok = self.loaded.tokenizer
+        self.check_prompt_chars(sum(len(str(m.get("content") or "")) for m in messages), "messages")
         if not getattr(tok, "chat_template", None):
             raise RequestError(f"the model {self.model_name!r} has no chat template; use /v1/completions",
                                "messages")
@@ -268,6 +302,8 @@ class Engine:
         self.torch_threads = torch.get_num_threads()
         planner, self.has_routers = make_planner(s.routers, self.model)
         self._gen = self._new_generator(planner)
+        self.max_prompt_chars = prompt_char_bound(self.model.tokenizer, self.model.spec.vocab_size,
+                                                  self._gen.max_context)
         self._gen.submit(GenerationRequest([1, 2, 3], SamplingParams(max_tokens=2, temperature=0)))
         self._gen.run_to_completion()  # warm-up, so the first request does not pay for lazy init
         self.stats.on_ready(self.model_name, self.model.spec.n_layers)

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from toytok import ChatToyTokenizer, toy_model
 
 from server.app import build_app
-from server.engine import Engine
+from server.engine import PROMPT_CHARS_SLACK, Engine, prompt_char_bound
 from server.settings import ServerSettings
 
 LIMIT = 4096
@@ -161,3 +161,41 @@ def test_the_api_key_is_checked_before_the_body() -> None:
         _is_envelope(c.post("/v1/completions", content=bad, headers=ok), 400)  # with the key: the body's error
         assert c.get("/v1/models/" + c.get("/v1/models", headers=ok).json()["data"][0]["id"]).status_code == 401
     torch.set_num_threads(threads)
+
+
+def test_prompt_char_bound() -> None:
+    model = toy_model()  # one character per token, a 512-token context
+    assert prompt_char_bound(model.tokenizer, model.spec.vocab_size, 512) == PROMPT_CHARS_SLACK * 512 * 1
+
+    class NoDecode:
+        def decode(self, ids: list[int]) -> str:
+            raise KeyError(ids[0])
+
+    assert prompt_char_bound(NoDecode(), 10, 512) is None  # no bound rather than a wrong one
+
+
+def test_a_prompt_far_longer_than_the_context_is_refused_before_tokenizing(api: TestClient) -> None:
+    engine = api.app.state.engine  # type: ignore[attr-defined]
+    bound = engine.max_prompt_chars
+    assert bound == PROMPT_CHARS_SLACK * engine.max_context  # the toy tokenizer: one character per token
+    seen: list[int] = []
+    tok = engine.model.tokenizer
+    original = type(tok).__call__
+
+    def counting(self: object, text: str, *a: object, **kw: object) -> object:
+        seen.append(len(text))
+        return original(self, text, *a, **kw)
+
+    type(tok).__call__ = counting  # type: ignore[method-assign]
+    try:
+        err = _is_envelope(api.post("/v1/completions", json={"prompt": "a" * (bound + 1), "max_tokens": 1}), 400,
+                           "context_length_exceeded", "prompt")
+        assert "characters" in err["message"] and bound + 1 not in seen  # never tokenized
+        _is_envelope(api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a" * (bound + 1)}]}),
+                     400, "context_length_exceeded", "messages")
+        # at the bound the text is tokenized, and the context rule decides
+        _is_envelope(api.post("/v1/completions", json={"prompt": "a" * bound, "max_tokens": 1}), 400,
+                     "context_length_exceeded", "prompt")
+        assert bound in seen
+    finally:
+        type(tok).__call__ = original  # type: ignore[method-assign]
