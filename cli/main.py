@@ -23,14 +23,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; a ValueError or FileNotFoundError it raises is printed and exits with status 2."""
+    """Run one command; a ValueError or OSError it raises is printed in one line and exits with status 2,
+    Ctrl-C with 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing file, a directory where a file belongs, ...
         print(f"drllm: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (searches resume), no traceback
+        print("drllm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

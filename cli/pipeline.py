@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from routing.checkpoint import sha256_file
-from routing.offline.records import read_jsonl, read_records, record_key
+from routing.offline.records import check_model, drop_torn_tail, read_jsonl, read_records, record_key
 from routing.offline.tasks import example_seed, load_sources, parse_sources
 
 from .common import add_model_args, budget, budget_or, non_negative_int, positive_int
@@ -46,6 +46,25 @@ def _items_for(args: argparse.Namespace, model, split: str | None):  # -> list[I
     return items
 
 
+def _nonempty(items: list, args: argparse.Namespace, what: str) -> list:
+    """`items`, or ValueError when there is nothing to `what` (no --data/--fidelity, or none in --split)."""
+    if not items:
+        raise ValueError(f"nothing to {what}: no examples from --data/--fidelity"
+                         + (f" in --split {args.split}" if getattr(args, "split", None) else ""))
+    return items
+
+
+def _shard(spec: str) -> tuple[int, int]:
+    """--shard I/N -> (I, N). Raises ValueError unless 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r}: write I/N, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise ValueError("--shard i/n needs 0 <= i < n")
+    return i, n
+
+
 def _criteria(args: argparse.Namespace):  # -> Criteria
     from routing.offline.tasks.scoring import Criteria
 
@@ -62,8 +81,15 @@ def _skip_order(spec: str | None, L: int) -> tuple[int, ...]:
         from routing.policy import RoutingPolicy
 
         order = RoutingPolicy.from_dict(read_meta(Path(spec)).get("policy")).budget_order
+        if not order:
+            raise ValueError(f"--order {spec}: the checkpoint has no budget_order yet (run drllm calibrate "
+                             "--write on it), or give a comma list of blocks")
     else:
-        order = tuple(int(x) for x in spec.split(",") if x.strip())
+        try:
+            order = tuple(int(x) for x in spec.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"--order {spec!r}: a comma list of block indices, or a router checkpoint "
+                             "directory") from None
     if len(set(order)) != len(order) or not all(0 <= i < L for i in order):
         raise ValueError(f"--order must list distinct blocks in [0, {L})")
     return order
@@ -78,9 +104,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from routing.offline.search import SearchConfig, search_many
     from routing.offline.tasks.scoring import stop_ids
 
-    i, n = (int(x) for x in args.shard.split("/"))
-    if not 0 <= i < n:
-        raise ValueError("--shard i/n needs 0 <= i < n")
+    i, n = _shard(args.shard)
     if not args.data and not args.fidelity:
         raise ValueError("search needs --data and/or --fidelity")
     model = _setup(args)
@@ -98,7 +122,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
         items = [by_key[k] for k in keep if k in by_key]
     if args.max_examples:
         items = items[:args.max_examples]
-    done = set(read_records(p for p in [out, *map(Path, args.done or [])] if p.exists()))
+    if drop_torn_tail(out):
+        print(f"drllm: {out}: dropped a torn last line (a stopped run); resuming", file=sys.stderr)
+    earlier = read_records(p for p in [out, *map(Path, args.done or [])] if p.exists())
+    check_model(earlier.values(), model.fingerprint, f"resuming into {out}")
+    other = {r.get("method") for r in earlier.values()} - {args.method, None}
+    if other:
+        raise ValueError(f"{out} holds records of --method {', '.join(sorted(other))}; write --method "
+                         f"{args.method} to another --out")
+    done = set(earlier)
     todo = [it for it in items if (it.task, it.id) not in done]
     cfg = SearchConfig(simulations=args.simulations, c_explore=args.c_explore, length_penalty=args.length_penalty,
                        soft_weight=args.soft_weight, widen=args.widen, rollout=args.rollout, batch=args.batch,
@@ -121,7 +153,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             def write(k: int, res, group=group) -> None:  # noqa: ANN001
                 it = group[k]
                 rec = {"id": it.id, "task": it.task, "kind": it.enc.kind, "method": args.method,
-                       "prompt": list(it.enc.ids), **res.record(L),
+                       "model_fingerprint": model.fingerprint, "prompt": list(it.enc.ids), **res.record(L),
                        "config": {**cfg.__dict__, **crit.__dict__, "scoring": args.scoring,
                                   "prompt_format": args.prompt_format}}
                 rec["config"].pop("seed", None)
@@ -171,6 +203,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         records = dict(zip(keys, pooled, strict=True))
         print(json.dumps({"pooled_targets": pooling}))
     model = _setup(args)
+    check_model((records[k] for k in keys), model.fingerprint, "--search")
+    L = model.spec.n_layers
+    if bad := next((k for k in keys if len(records[k]["target"]) != L), None):
+        raise ValueError(f"--search record {bad[0]}/{bad[1]} has a plan for {len(records[bad]['target'])} blocks; "
+                         f"this model has {L}")
     prompts = [records[k]["prompt"] for k in keys]
     targets = [records[k]["target"] for k in keys]
     feats = precompute(model, prompts, targets, window=args.window, batch=64 if model.device.type == "cuda" else 16)
@@ -208,7 +245,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     policy = getattr(routers, "policy", None) or RoutingPolicy()
     if args.argmax:
         policy = RoutingPolicy(budget_rule=policy.budget_rule, budget_order=policy.budget_order)
-    items = _items_for(args, model, args.split)
+    items = _nonempty(_items_for(args, model, args.split), args, "evaluate")
     ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens)
     base_b = args.baselines_at
     results = evaluate(ev, routers, policy, items, budgets, seed=args.seed, norm=args.norm,
@@ -231,7 +268,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     model = _setup(args)
     routers = load_routers(args.routers, model)
-    items = _items_for(args, model, args.split)
+    items = _nonempty(_items_for(args, model, args.split), args, "calibrate")
     ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens)
     order = search_order(list(read_records(args.order_from).values()))[0] if args.order_from else None
     if args.order:
@@ -257,9 +294,13 @@ def _cmd_search_summary(args: argparse.Namespace) -> int:
         for r in read_jsonl(p):
             reuse = "" if r.get("config", {}).get("reuse", True) else " (no reuse)"
             runs.setdefault(f"{p} {r.get('method', '?')}{reuse}", []).append(r)
+    if not runs:
+        raise ValueError("no search records in " + ", ".join(args.files))
     common = set.intersection(*({record_key(r) for r in rs} for rs in runs.values()))
-    rows = [summarize([r for r in rs if record_key(r) in common], args.layers) | {"file": p}
-            for p, rs in runs.items()]
+    rows = []
+    for p, rs in runs.items():
+        layers = args.layers or len(rs[0]["target"])  # the records' own plan length
+        rows.append(summarize([r for r in rs if record_key(r) in common], layers) | {"file": p})
     print(json.dumps(rows, indent=2))
     return 0
 
@@ -272,6 +313,10 @@ def _cmd_report_merge(args: argparse.Namespace) -> int:
         rep = json.loads((Path(d) / "report.json").read_text())
         tasks += rep["tasks"]
         metas.append(rep["meta"])
+    for key in ("model", "routers", "policy"):
+        if len({json.dumps(m.get(key), sort_keys=True) for m in metas}) > 1:
+            raise ValueError(f"the reports differ in {key} ({', '.join(str(m.get(key)) for m in metas)}); "
+                             "merge only reports of one model and checkpoint")
     meta = {**metas[0], "argv": [m.get("argv") for m in metas], "merged_from": args.reports,
             "data": [x for m in metas for x in m.get("data", [])]}
     write_report(Path(args.out), tasks, meta)
@@ -305,7 +350,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("search-summary", help="compare search JSONL files on their common examples")
     p.add_argument("files", nargs="+")
-    p.add_argument("--layers", type=positive_int, default=30)
+    p.add_argument("--layers", type=positive_int, default=None, help="L (default: the records' plan length)")
     p.set_defaults(func=_cmd_search_summary)
 
     p = sub.add_parser("search", help="MCTS over layer plans per training example -> JSONL targets")

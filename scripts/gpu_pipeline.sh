@@ -12,10 +12,12 @@
 # training variants, default "cw": effective-number class weights; "uniform": uniform ones), METHOD (the
 # search: "mcts", default, or "static": bisection along ORDER, the static skip order as a comma list or a
 # router checkpoint, skipping at most MAX_SKIP blocks, default 8; static searches use no math task data,
-# whose full-depth answers are almost all wrong), ARC_SETS (default "Easy Challenge").
+# whose full-depth answers are almost all wrong), ARC_SETS (default "Easy Challenge"), MODEL (the base
+# model: HF directory, .gguf file, hub id or "default"), THREADS (CPU threads, default 8 on CUDA, else
+# the cores). The first stage that fails stops the pipeline with its exit status.
 # Measured on one H200 (float32 with TF32 matmuls): the search of 6,787 examples x 40 plan evaluations
 # took 287 s (947 plan evaluations/s, 42 s per 1,000 examples).
-set -uo pipefail
+set -euo pipefail
 RUN=${1:?usage: gpu_pipeline.sh RUN_DIR [ARC_DIR]}
 ARC=${2:-../shared/data/arc}
 DRLLM=${DRLLM:-.venv/bin/drllm}
@@ -30,7 +32,9 @@ MAX_SKIP=${MAX_SKIP:-8}
 ARC_SETS=${ARC_SETS:-Easy Challenge}
 MATH_TRAIN="math:levels=1-5,n=200,split=train,seed=0"
 MATH_FID="math:levels=1-5,n=60,split=train,seed=0"
-COMMON=(--device "$DEV" --dtype float32 --threads 8)
+MODEL=${MODEL:-default}
+if [ "$DEV" = cpu ]; then THREADS=${THREADS:-$(nproc)}; else THREADS=${THREADS:-8}; fi
+COMMON=(--model "$MODEL" --device "$DEV" --dtype float32 --threads "$THREADS")
 mkdir -p "$RUN"
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }

@@ -8,7 +8,8 @@ tokens as a router pools it (`routing.router_net.window_pool`, averaged over the
 L2-regularised logistic regression; the figure is its 5-fold cross-validated ROC AUC (0.5: no signal).
 
 Labels (k: a prefix of the search's static order):
-- robust3 / robust6: the answer's correctness is the same at every prefix 0..k;
+- robust3 / robust6 (k = 3 and the deepest prefix the records scored, 6 in the shipped search): the answer's
+  correctness is the same at every prefix 0..k;
 - confident: the full model puts ≥ 0.9 or ≤ 0.1 of the choices' probability on the gold choice;
 - correct: the full model answers right;
 - fixes3 / fixes6: among the questions whose correctness differs between prefix k and full depth, those
@@ -36,7 +37,14 @@ from routing.offline.supervision import task_items
 from routing.offline.tasks import load_sources, parse_sources
 from routing.router_net import window_pool
 
-LAYERS = (4, 8, 12, 16, 18, 20, 24, 29)
+LAYERS_30 = (4, 8, 12, 16, 18, 20, 24, 29)  # the blocks probed on a 30-block model (the shipped tables)
+
+
+def probed_layers(L: int) -> tuple[int, ...]:
+    """The blocks to probe: LAYERS_30 on 30 blocks, else up to 8 spread evenly over 1..L-1."""
+    if L == 30:
+        return LAYERS_30
+    return tuple(sorted({max(1, round(i * (L - 1) / 8)) for i in range(1, 9)} & set(range(L))))
 
 
 @torch.inference_mode()
@@ -66,6 +74,8 @@ def roc_auc(score: torch.Tensor, y: torch.Tensor) -> float:
     rank[torch.argsort(score)] = torch.arange(1, len(score) + 1, dtype=torch.float)
     pos = y.bool()
     n1, n0 = int(pos.sum()), int((~pos).sum())
+    if not n1 or not n0:
+        return float("nan")  # one class only: no ranking to measure
     return float((rank[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
@@ -129,21 +139,25 @@ def main(argv: list[str] | None = None) -> int:
     pc = [recs[it.id]["prefix_correct"] for it in items]
     soft = [recs[it.id]["base_soft"] for it in items]
     every = list(range(len(items)))
-    labels = {"robust3": (every, [all(p[j] == p[0] for j in range(4)) for p in pc]),
-              "robust6": (every, [all(p[j] == p[0] for j in range(7)) for p in pc]),
-              "confident": (every, [abs(s - 0.5) > 0.4 for s in soft]),
-              "correct": (every, [p[0] for p in pc])}
-    for k in (3, 6):
+    depth = min(len(p) for p in pc) - 1  # the deepest prefix every record scored
+    if depth < 1:
+        raise SystemExit("the records score no cut (prefix_correct of length 1)")
+    ks = sorted({min(3, depth), depth} if depth > 3 else {depth})
+    labels = {f"robust{k}": (every, [all(p[j] == p[0] for j in range(k + 1)) for p in pc]) for k in ks}
+    labels |= {"confident": (every, [abs(s - 0.5) > 0.4 for s in soft]), "correct": (every, [p[0] for p in pc])}
+    for k in ks:
         changed = [i for i, p in enumerate(pc) if p[k] != p[0]]
-        labels[f"fixes{k}"] = (changed, [pc[i][k] for i in changed])
+        if changed and 0 < sum(pc[i][k] for i in changed) < len(changed):
+            labels[f"fixes{k}"] = (changed, [pc[i][k] for i in changed])
     lengths = torch.tensor([[len(it.enc.ids)] for it in items], dtype=torch.float)
     print(f"{len(items)} questions; 5-fold ROC AUC of a logistic probe (0.5: no signal)\n")
-    print("| label | questions | positives | prompt length | " + " | ".join(f"block {i}" for i in LAYERS) + " |")
-    print("|---|---|---|---|" + "---|" * len(LAYERS))
+    layers = probed_layers(model.spec.n_layers)
+    print("| label | questions | positives | prompt length | " + " | ".join(f"block {i}" for i in layers) + " |")
+    print("|---|---|---|---|" + "---|" * len(layers))
     for name, (rows, lab) in labels.items():
         y = torch.tensor(lab, dtype=torch.float)
         idx = torch.tensor(rows)
-        aucs = [cv_auc(lengths[idx], y, args.wd)] + [cv_auc(X[idx, i], y, args.wd) for i in LAYERS]
+        aucs = [cv_auc(lengths[idx], y, args.wd)] + [cv_auc(X[idx, i], y, args.wd) for i in layers]
         print(f"| {name} | {len(rows)} | {y.mean():.2f} | " + " | ".join(f"{a:.3f}" for a in aucs) + " |",
               flush=True)
     return 0

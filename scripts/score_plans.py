@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from cli.common import non_negative_int, positive_int
 from routing.model import load_model
 from routing.offline.plan_scoring import PlanScorer
 from routing.offline.supervision import task_items
@@ -40,7 +41,12 @@ Plan = tuple[int, ...]
 
 
 def plans_from(spec: str, L: int) -> list[Plan]:
+    """--plans -> the plans, full depth first. Raises ValueError for a spec that is neither a keyword nor a
+    JSON list, or for blocks outside [0, L)."""
     def plan(skip: list[int], rep: list[int]) -> Plan:
+        bad = [i for i in (*skip, *rep) if not (isinstance(i, int) and 0 <= i < L)]
+        if bad:
+            raise ValueError(f"--plans: block {bad[0]!r} is not in [0, {L})")
         return tuple(0 if i in skip else 2 if i in rep else 1 for i in range(L))
 
     out = [plan([], [])]
@@ -49,7 +55,11 @@ def plans_from(spec: str, L: int) -> list[Plan]:
     elif spec == "single-repeats":
         out += [plan([], [b]) for b in range(L)]
     else:
-        for entry in json.loads(spec):
+        try:
+            entries = json.loads(spec)
+        except json.JSONDecodeError:
+            raise ValueError(f"--plans {spec!r}: single-skips, single-repeats or a JSON list") from None
+        for entry in entries:
             skip, rep = (entry, []) if not entry or isinstance(entry[0], int) else entry
             out.append(plan(list(skip), list(rep)))
     return list(dict.fromkeys(out))
@@ -98,12 +108,20 @@ def merge_shards(paths: list[Path]) -> tuple[list[dict], list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (ValueError, OSError) as e:
+        print(f"score_plans: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", action="append", help="KIND:PATH, as for drllm eval (required unless --summary)")
     ap.add_argument("--split", choices=("train", "calib", "all"), default="train",
                     help="of a training file: the search/training (train) or the calibration share")
-    ap.add_argument("--start", type=int, default=0, help="skip the first N questions of the split")
-    ap.add_argument("--limit", type=int, default=None, help="then take at most N questions")
+    ap.add_argument("--start", type=non_negative_int, default=0, help="skip the first N questions of the split")
+    ap.add_argument("--limit", type=positive_int, default=None, help="then take at most N questions")
     ap.add_argument("--plans", default="single-skips")
     ap.add_argument("--out", action="append", required=True,
                     help="JSONL, one record per plan (appended; resumes); with --summary, repeat it to merge shards")
@@ -111,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the table of the --out files (their questions pooled, plans scored in all) and exit")
     ap.add_argument("--norm", action="store_true", help="the summary by acc_norm instead of acc")
     ap.add_argument("--model", default="default")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rows", type=int, default=48)
+    ap.add_argument("--threads", type=non_negative_int, default=1)
+    ap.add_argument("--rows", type=positive_int, default=48)
     args = ap.parse_args(argv)
     if args.summary:
         rows, gold = merge_shards([Path(o) for o in args.out])

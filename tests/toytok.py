@@ -39,4 +39,4 @@ class ChatToyTokenizer(ToyTokenizer):
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                             tokenize: bool = True, return_dict: bool = True) -> dict[str, list[int]]:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return self(text)
+        return self(text) if tokenize else text  # type: ignore[return-value]

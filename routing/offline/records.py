@@ -12,14 +12,54 @@ Key = tuple[str, str]  # (task, example id)
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """The JSON object of every non-blank line of `path`. Raises json.JSONDecodeError for a bad line."""
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            yield json.loads(line)
+    """The JSON object of every non-blank line of `path`. A last line without its newline that does not parse
+    is what a run stopped mid-write leaves: it is skipped (the writer truncates it, `drop_torn_tail`).
+    Raises ValueError naming the file and line for any other bad line, or for a line that is no object."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not text.endswith("\n"):
+                return  # a torn last line
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{n}: a JSON object per line expected")
+        yield obj
+
+
+def drop_torn_tail(path: Path) -> bool:
+    """Truncate `path` after its last newline (a line torn by a stopped run), so that appending resumes on a
+    clean line. Returns whether anything was dropped."""
+    if not path.exists():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    with open(path, "r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
+def check_model(records: Iterable[dict], fingerprint: str, what: str) -> None:
+    """Raises ValueError when a record was made with another base model (its `model_fingerprint`; records
+    written before it was recorded carry none and pass)."""
+    for r in records:
+        fp = r.get("model_fingerprint")
+        if fp and fingerprint and fp != fingerprint:
+            raise ValueError(f"{what}: record {r.get('task')}/{r.get('id')} was made with another base model "
+                             f"(weights fingerprint {fp}, this model's is {fingerprint})")
 
 
 def record_key(record: dict) -> Key:
-    return record["task"], record["id"]
+    """(task, id) of a search record. Raises ValueError for a record without them."""
+    try:
+        return record["task"], record["id"]
+    except KeyError as e:
+        raise ValueError(f"not a search record (no {e.args[0]!r}): {str(record)[:80]}") from None
 
 
 def read_records(paths: Iterable[str | Path]) -> dict[Key, dict]:

@@ -53,12 +53,13 @@ def fidelity_prompts(specs: list[str], split: str | None, limit: int | None = No
 def fidelity_items(model: BaseModel, prompts: list[ChatPrompt], answers_file: Path | None,
                    max_new_tokens: int = 48, batch: int = 16, progress: bool = True) -> list[Item]:
     """Render each prompt in the chat template, take the full-depth greedy answer (cached in
-    `answers_file`, JSONL, appended as they are made), and encode it as a fidelity item. Prompts whose
-    full answer is empty are dropped."""
+    `answers_file`, JSONL, appended as they are made, each with the model's weights fingerprint: another
+    model's answers are not reused), and encode it as a fidelity item. Prompts whose full answer is empty are
+    dropped."""
     L = model.spec.n_layers
     cache: dict[str, dict] = {}
     if answers_file is not None and answers_file.exists():
-        cache = {r["id"]: r for r in read_jsonl(answers_file)}
+        cache = {r["id"]: r for r in read_jsonl(answers_file) if r.get("fingerprint") == model.fingerprint}
     rendered = {p.id: render_chat(model.tokenizer, p.text, p.system) for p in prompts}
     todo = [p for p in prompts if p.id not in cache or cache[p.id]["prompt"] != rendered[p.id]]
     step = max(batch * 8, 1)
@@ -66,7 +67,8 @@ def fidelity_items(model: BaseModel, prompts: list[ChatPrompt], answers_file: Pa
         part = todo[k:k + step]
         answers = greedy_answers(model, [rendered[p.id] for p in part], [(1,) * L] * len(part), max_new_tokens,
                                  batch, progress=progress)
-        rows = [{"id": p.id, "source": p.source, "system": p.system, "prompt": rendered[p.id], "answer": a}
+        rows = [{"id": p.id, "source": p.source, "system": p.system, "prompt": rendered[p.id], "answer": a,
+                 "fingerprint": model.fingerprint}
                 for p, a in zip(part, answers, strict=True)]
         for r in rows:
             cache[r["id"]] = r

@@ -55,17 +55,21 @@ def load_task(kind: str, path: str | Path | None = None, limit: int | None = Non
         ex = mathgen.make_compare(int(kv.get("n", 200)), int(kv.get("seed", 0)))
     elif path is None:
         raise ValueError(f"task {kind!r} needs --data PATH")
-    elif kind == "arc":
-        ex = formats.load_arc(path, name=name)
-    elif kind == "mmlu":
-        ex = formats.load_mmlu_csv(path, name=name)
-    elif kind == "gsm8k":
-        ex = formats.load_gsm8k(path, name=name)
-    elif kind == "jsonl":
-        ex = formats.load_generic_jsonl(path, name=name)
+    elif kind in _LOADERS:
+        if Path(path).is_dir():
+            raise ValueError(f"--data {kind}:{path} is a directory; name a file")
+        try:
+            ex = getattr(formats, _LOADERS[kind])(path, name=name)
+        except (KeyError, IndexError, TypeError, AttributeError) as e:  # a row without the format's fields
+            raise ValueError(f"--data {kind}:{path} is not a {kind} file ({type(e).__name__}: {e})") from None
     else:
         raise ValueError(f"unknown task kind {kind!r}; one of {', '.join(TASK_KINDS)}")
+    if not ex:
+        raise ValueError(f"--data {kind}:{path or ''} holds no examples")
     return ex[:limit] if limit else ex
+
+
+_LOADERS = {"arc": "load_arc", "mmlu": "load_mmlu_csv", "gsm8k": "load_gsm8k", "jsonl": "load_generic_jsonl"}
 
 
 def stable_hash(text: str) -> int:
