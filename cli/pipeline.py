@@ -240,6 +240,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from routing.routers import load_routers
 
     budgets = args.budget or [None]  # parsed by budget_or: None (no budget) or a budget in (0, 2]
+    if args.baselines_at and (missing := [b for b in args.baselines_at if b not in budgets]):
+        raise ValueError(f"--baselines-at {', '.join('none' if b is None else f'{b:g}' for b in missing)}: "
+                         "not among the --budget values evaluated")
     model = _setup(args)
     routers = load_routers(args.routers, model)
     policy = getattr(routers, "policy", None) or RoutingPolicy()

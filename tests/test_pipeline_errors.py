@@ -128,3 +128,16 @@ def test_score_plans_refuses_blocks_outside_the_model() -> None:
         sp.plans_from("[[9], []]", 4)
     with pytest.raises(ValueError, match="JSON list"):
         sp.plans_from("bogus", 4)
+
+
+def test_generated_data_specs_refuse_unknown_keys() -> None:
+    assert len(load_task("math", "levels=2,n=3")) == 3
+    for kind, spec in (("math", "levles=5,n=3"), ("math", "n3"), ("compare", "n=5,sed=1")):
+        with pytest.raises(ValueError, match="is not one of"):
+            load_task(kind, spec)
+
+
+def test_baselines_at_a_budget_not_evaluated_is_refused(capsys: pytest.CaptureFixture) -> None:
+    rc = main(["eval", "--routers", "none", "--data", "compare:n=2", "--budget", "0.8", "--baselines-at", "0.5",
+               "--out", "/nonexistent/never-written"])
+    assert rc == 2 and "not among the --budget values" in capsys.readouterr().err

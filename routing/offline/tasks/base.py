@@ -51,7 +51,7 @@ def load_task(kind: str, path: str | Path | None = None, limit: int | None = Non
     if kind == "math":
         ex = mathgen.make_math_spec(str(path) if path else "")
     elif kind == "compare":
-        kv = dict(p.split("=", 1) for p in str(path or "").split(",") if "=" in p)
+        kv = mathgen.spec_keys(str(path or ""), ("n", "seed"), "compare")
         ex = mathgen.make_compare(int(kv.get("n", 200)), int(kv.get("seed", 0)))
     elif path is None:
         raise ValueError(f"task {kind!r} needs --data PATH")

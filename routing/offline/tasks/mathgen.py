@@ -68,8 +68,9 @@ def make_math(levels: tuple[int, ...] = (1, 2, 3, 4, 5), n_per_level: int = 100,
 
 
 def make_math_spec(spec: str) -> list[Example]:
-    """'levels=1-5,n=100,split=heldout,seed=0' (any subset, these defaults) -> examples."""
-    kv = dict(p.split("=", 1) for p in spec.replace(";", ",").split(",") if "=" in p)
+    """'levels=1-5,n=100,split=heldout,seed=0' (any subset, these defaults) -> examples. Raises ValueError
+    for another key, or a part without '=' (a typo must not quietly give the defaults)."""
+    kv = spec_keys(spec, ("levels", "n", "split", "seed"), "math")
     lv = kv.get("levels", "1-5")
     if "-" in lv:
         lo, hi = (int(x) for x in lv.split("-"))
@@ -77,6 +78,18 @@ def make_math_spec(spec: str) -> list[Example]:
     else:
         levels = tuple(int(x) for x in lv.split("+"))
     return make_math(levels, int(kv.get("n", 100)), kv.get("split", "train"), int(kv.get("seed", 0)))
+
+
+def spec_keys(spec: str, allowed: tuple[str, ...], kind: str) -> dict[str, str]:
+    """'k=v,k=v' (';' also separates) -> {k: v}. Raises ValueError for a key outside `allowed` or a part
+    without '='."""
+    kv: dict[str, str] = {}
+    for part in filter(None, (x.strip() for x in spec.replace(";", ",").split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key.strip() not in allowed:
+            raise ValueError(f"--data {kind}:{spec}: {part!r} is not one of {', '.join(k + '=' for k in allowed)}")
+        kv[key.strip()] = value.strip()
+    return kv
 
 
 def make_compare(n: int = 200, seed: int = 0) -> list[Example]:
