@@ -249,7 +249,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.argmax:
         policy = RoutingPolicy(budget_rule=policy.budget_rule, budget_order=policy.budget_order)
     items = _nonempty(_items_for(args, model, args.split), args, "evaluate")
-    ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens)
+    ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens, progress=True)
     base_b = args.baselines_at
     results = evaluate(ev, routers, policy, items, budgets, seed=args.seed, norm=args.norm,
                        baseline_budgets=base_b)
@@ -272,7 +272,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     model = _setup(args)
     routers = load_routers(args.routers, model)
     items = _nonempty(_items_for(args, model, args.split), args, "calibrate")
-    ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens)
+    ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens, progress=True)
     order = search_order(list(read_records(args.order_from).values()))[0] if args.order_from else None
     if args.order:
         if order is not None:

@@ -98,8 +98,10 @@ def decision_shares(plans: list[Plan], L: int) -> list[list[float]]:
 class Evaluator:
     """Routes prompts, scores plans and measures fidelity for one base model."""
 
-    def __init__(self, model: BaseModel, rows: int = 32, batch: int = 16, max_new_tokens: int = 48) -> None:
+    def __init__(self, model: BaseModel, rows: int = 32, batch: int = 16, max_new_tokens: int = 48,
+                 progress: bool = False) -> None:
         self.model, self.batch, self.max_new_tokens = model, batch, max_new_tokens
+        self.progress = progress  # tqdm bars over plan evaluations and generated answers (stderr)
         self.L = model.spec.n_layers
         self.full: Plan = (1,) * self.L
         self.scorer = PlanScorer(model, max_rows=rows, stops=stop_ids(model.tokenizer, model.eos_token_ids),
@@ -114,7 +116,7 @@ class Evaluator:
         bind) cost one evaluation."""
         todo = list(dict.fromkeys((it.enc, p) for it, p in zip(items, plans, strict=True)
                                   if (it.enc, p) not in self._memo))
-        for key, sc in zip(todo, self.scorer.score(todo), strict=True):
+        for key, sc in zip(todo, self.scorer.score(todo, progress=self.progress), strict=True):
             self._memo[key] = sc
         return [self._memo[(it.enc, p)] for it, p in zip(items, plans, strict=True)]
 
@@ -153,7 +155,7 @@ class Evaluator:
     def _fidelity_of(self, items: Sequence[Item], plans: Sequence[Plan], todo: list[int]) -> list[float]:
         out = {i: 0.0 for i in todo}
         answers = greedy_answers(self.model, [items[i].enc.ids for i in todo], [plans[i] for i in todo],
-                                 self.max_new_tokens, self.batch)
+                                 self.max_new_tokens, self.batch, progress=self.progress)
         scorable = [(i, a) for i, a in zip(todo, answers, strict=True) if a]
         for i, a in zip(todo, answers, strict=True):
             if not a:
@@ -392,9 +394,11 @@ def write_report(out: Path, results: list[dict[str, object]], meta: dict[str, ob
               f"the reverse. exec: mean block executions of L = {L} (a repeat counts 2). Static: the same "
               "number of blocks dropped for every prompt, least important first (the policy's static order: "
               "single-block removal measured in calibration, or the search's skip shares); "
-              "random: per example a random plan with the routed plan's execution count.", "",
-              "## Fidelity (chat prompts; full model's mean log-probability per token of the answers)", "",
-              "| set | n | budget | arm | Δ nats/token vs full answer | garbled (< −1) | exec |", "|---|---|---|---|---|---|---|"]
+              "random: per example a random plan with the routed plan's execution count."]
+    if any(r["kind"] == "fidelity" for r in results):
+        lines += ["", "## Fidelity (chat prompts; full model's mean log-probability per token of the answers)", "",
+                  "| set | n | budget | arm | Δ nats/token vs full answer | garbled (< −1) | exec |",
+                  "|---|---|---|---|---|---|---|"]
     for r in results:
         if r["kind"] != "fidelity":
             continue

@@ -42,9 +42,16 @@ class PlanScorer:
     def _rows_needed(self, enc: Encoded) -> int:
         return 1 + sum(1 for c in enc.conts if self._feed(enc, c))
 
-    def score(self, items: Sequence[tuple[Encoded, Plan]]) -> list[PlanScore]:
+    def score(self, items: Sequence[tuple[Encoded, Plan]], progress: bool = False) -> list[PlanScore]:
         """-> one `PlanScore` per (encoded example, plan) pair, in order. Pairs are batched by length
-        (longest continuation, then prompt) so that short rows are not padded to long ones."""
+        (longest continuation, then prompt) so that short rows are not padded to long ones. `progress`: a
+        tqdm bar over the pairs (stderr)."""
+        from tqdm import tqdm
+
+        with tqdm(total=len(items), desc="plan evaluations", unit="eval", disable=not progress, leave=False) as bar:
+            return self._score(items, bar)
+
+    def _score(self, items: Sequence[tuple[Encoded, Plan]], bar) -> list[PlanScore]:  # noqa: ANN001 - tqdm
         order = sorted(range(len(items)), key=lambda i: (max((len(c) for c in items[i][0].conts), default=0),
                                                          len(items[i][0].ids)))
         out: list[PlanScore | None] = [None] * len(items)
@@ -57,12 +64,14 @@ class PlanScorer:
             if rows + need > self.max_rows:
                 for j, sc in zip(chunk, self._score_chunk([items[j] for j in chunk]), strict=True):
                     out[j] = sc
+                bar.update(len(chunk))
                 chunk, rows = [], 0
             chunk.append(i)
             rows += need
         if chunk:
             for j, sc in zip(chunk, self._score_chunk([items[j] for j in chunk]), strict=True):
                 out[j] = sc
+            bar.update(len(chunk))
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()

@@ -167,9 +167,13 @@ def train_routers(f: Features, config: RouterConfig, cfg: TrainConfig, progress:
                 best = (row["val_loss"], {k: v.clone() for k, v in routers.state_dict().items()}, epoch + 1)
         history.append(row)
         if bar is not None:
-            bar.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{row.get('val_loss', float('nan')):.4f}",
-                            skip=f"{row.get('val_recall_skip', float('nan')):.2f}",
-                            rep=f"{row.get('val_recall_repeat', float('nan')):.2f}")
+            shown = {"loss": f"{row['train_loss']:.4f}"}
+            for name, key, fmt in (("val", "val_loss", ".4f"), ("skip", "val_recall_skip", ".2f"),
+                                   ("rep", "val_recall_repeat", ".2f")):
+                value = row.get(key)
+                if value is not None and math.isfinite(value):  # a class without targets has no recall
+                    shown[name] = f"{value:{fmt}}"
+            bar.set_postfix(**shown)
     if best is not None:
         routers.load_state_dict(best[1])
     info = {"history": history, "best_epoch": best[2] if best else cfg.epochs, "train_examples": len(tr),
