@@ -70,7 +70,7 @@ def budget_routing_error(b: float | None, has_routers: bool, plan_executions: in
     with what to pass instead."""
     if b is None:
         return None
-    why = budget_conflict(b, n_layers or 1, plan_executions if n_layers is not None else None, has_routers)
+    why = budget_conflict(b, has_routers, plan_executions, n_layers)
     if why is None or plan_executions is not None:
         return why
     return f"{why}; pass --routers default (or a checkpoint directory), --budget full or a budget >= 1"

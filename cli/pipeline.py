@@ -250,9 +250,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         policy = RoutingPolicy(budget_rule=policy.budget_rule, budget_order=policy.budget_order)
     items = _nonempty(_items_for(args, model, args.split), args, "evaluate")
     ev = Evaluator(model, rows=args.rows, batch=args.batch, max_new_tokens=args.max_new_tokens, progress=True)
-    base_b = args.baselines_at
     results = evaluate(ev, routers, policy, items, budgets, seed=args.seed, norm=args.norm,
-                       baseline_budgets=base_b)
+                       baseline_budgets=args.baselines_at)
     for r in results:
         print(json.dumps({"task": r["task"], "n": r["n"], "base": r["base"],
                           "budgets": [{k: v for k, v in b.items() if k != "decision_shares"} for b in r["budgets"]]}))

@@ -78,11 +78,15 @@ def budget_ok(budget: float) -> bool:
     return 0 < budget <= MAX_BUDGET
 
 
-def budget_conflict(budget: float, n_layers: int, plan_executions: int | None, has_routers: bool) -> str | None:
+def budget_conflict(budget: float, has_routers: bool, plan_executions: int | None = None,
+                    n_layers: int | None = None) -> str | None:
     """Why a request's budget cannot be honoured, or None (the rule the server and `drllm generate` apply): a
-    fixed plan must fit `execution_cap(budget, L)`; without one, a budget under 1 needs routers to choose
-    the blocks to skip. Raises ValueError for a budget outside (0, 2]."""
+    fixed plan of `plan_executions` must fit `execution_cap(budget, n_layers)`; without one, a budget under 1
+    needs routers to choose the blocks to skip. Raises ValueError for a budget outside (0, 2], or for a plan
+    without `n_layers`."""
     if plan_executions is not None:
+        if n_layers is None:
+            raise ValueError("a plan's budget check needs n_layers")
         limit = execution_cap(budget, n_layers)
         return (f"plan runs {plan_executions} blocks but budget {budget:g} allows at most {limit}"
                 if plan_executions > limit else None)

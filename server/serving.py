@@ -195,7 +195,7 @@ class OpenAIServingCompletion:
         b = request.budget
         if b is None or request.routing == "full":
             return
-        why = budget_conflict(b, L, plan.executions if plan is not None else None, self.engine.has_routers)
+        why = budget_conflict(b, self.engine.has_routers, plan.executions if plan is not None else None, L)
         if why is not None:
             raise RequestError(why if plan is not None else f"{why}; send routing='full' or a budget >= 1", "budget")
 

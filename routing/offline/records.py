@@ -34,12 +34,14 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
 def drop_torn_tail(path: Path) -> bool:
     """Truncate `path` after its last newline (a line torn by a stopped run), so that appending resumes on a
     clean line. Returns whether anything was dropped."""
-    if not path.exists():
-        return False
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
+    if not path.exists() or path.stat().st_size == 0:
         return False
     with open(path, "r+b") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":  # the usual case: only the last byte is read
+            return False
+        f.seek(0)
+        data = f.read()
         f.truncate(data.rfind(b"\n") + 1)
     return True
 

@@ -39,7 +39,8 @@ def label_index(label: str, n_choices: int, labels: list[str] | None = None) -> 
     raise ValueError(f"answer {label!r} is not a choice label of a {n_choices}-choice question")
 
 
-TASK_KINDS = ("arc", "mmlu", "gsm8k", "jsonl", "math", "compare")
+FILE_KINDS = ("arc", "mmlu", "gsm8k", "jsonl")  # read from --data files; math and compare are generated
+TASK_KINDS = (*FILE_KINDS, "math", "compare")
 
 
 def load_task(kind: str, path: str | Path | None = None, limit: int | None = None, name: str | None = None,
@@ -55,11 +56,13 @@ def load_task(kind: str, path: str | Path | None = None, limit: int | None = Non
         ex = mathgen.make_compare(int(kv.get("n", 200)), int(kv.get("seed", 0)))
     elif path is None:
         raise ValueError(f"task {kind!r} needs --data PATH")
-    elif kind in _LOADERS:
+    elif kind in FILE_KINDS:
+        loader = {"arc": formats.load_arc, "mmlu": formats.load_mmlu_csv, "gsm8k": formats.load_gsm8k,
+                  "jsonl": formats.load_generic_jsonl}[kind]
         if Path(path).is_dir():
             raise ValueError(f"--data {kind}:{path} is a directory; name a file")
         try:
-            ex = getattr(formats, _LOADERS[kind])(path, name=name)
+            ex = loader(path, name=name)
         except (KeyError, IndexError, TypeError, AttributeError) as e:  # a row without the format's fields
             raise ValueError(f"--data {kind}:{path} is not a {kind} file ({type(e).__name__}: {e})") from None
     else:
@@ -68,8 +71,6 @@ def load_task(kind: str, path: str | Path | None = None, limit: int | None = Non
         raise ValueError(f"--data {kind}:{path or ''} holds no examples")
     return ex[:limit] if limit else ex
 
-
-_LOADERS = {"arc": "load_arc", "mmlu": "load_mmlu_csv", "gsm8k": "load_gsm8k", "jsonl": "load_generic_jsonl"}
 
 
 def stable_hash(text: str) -> int:
