@@ -336,8 +336,8 @@ def add_item_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answers", default=None, help="JSONL cache of the full-depth fidelity answers")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="length of the fidelity answers")
     p.add_argument("--gen-batch", type=positive_int, default=16, help="rows per batch when generating answers")
-    p.add_argument("--limit", type=positive_int, default=None, help="examples per source")
-    p.add_argument("--fidelity-limit", type=positive_int, default=None, help="fidelity prompts per source (default: --limit)")
+    p.add_argument("--limit", type=positive_int, default=None, help="examples read from each --data source, taken before --split keeps its share of a training file")
+    p.add_argument("--fidelity-limit", type=positive_int, default=None, help="fidelity prompts per --fidelity source, taken after --split (default: --limit)")
     p.add_argument("--scoring", choices=("ll", "letter"), default="ll",
                    help="multiple choice by log-likelihood of each choice (default) or by the label's logit")
     p.add_argument("--norm", action="store_true", help="multiple choice by acc_norm (per character) not acc")
