@@ -406,6 +406,20 @@ def test_compose_file_contents():
     assert set(compose["volumes"]) >= {"drllm-weights", "hf-cache", "prometheus-data", "grafana-data"}
 
 
+def test_compose_passes_every_server_variable_the_readme_lists():
+    """README's Compose configuration table: each DRLLM_* server option it lists reaches the container."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Configuration", 1)[1].split("\n### ", 1)[0]
+    listed = set()
+    for line in section.splitlines():
+        if line.startswith("| `DRLLM_"):
+            listed |= set(re.findall(r"`(DRLLM_[A-Z_]+)`", line.split("|")[1]))
+    host_side = {"DRLLM_MODELS_DIR", "DRLLM_PUBLISH_PORT"}  # Compose's own settings, not server options
+    assert "DRLLM_PROFILES" in listed
+    env = yaml.safe_load(COMPOSE.read_text())["services"]["drllm"]["environment"]
+    assert sorted(listed - host_side - set(env)) == []
+
+
 def _dockerfile_instructions() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     out = []
